@@ -1,0 +1,60 @@
+"""The KV cache shared by all three models: preallocated slots, written in place.
+
+A slot is one layer's K and V buffers for one loop, each [B, H_kv, max_len, D]. The models differ
+only in how many slots they ask for and which slot a (loop, layer) writes:
+  standard: N slots, slot = layer
+  LoopLM:   N * T slots, slot = loop * N + layer      (memory grows with depth)
+  MELT:     N slots, slot = layer, every loop overwrites the token's row in place
+Buffers are allocated once for (batch, max_len); nothing is ever concatenated, so a step never makes
+a transient copy of the cache (the peak-inflating pattern of growing caches).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_slots: int, batch_size: int, num_kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.batch_size, self.max_len = batch_size, max_len
+        # One tensor per slot (not one big block) so that a slot can be dropped on its own.
+        self.keys: list[torch.Tensor | None] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_slots)]
+        self.values: list[torch.Tensor | None] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_slots)]
+
+    @staticmethod
+    def slot_bytes(batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Analytic bytes of one slot: 2 (K and V) * B * H_kv * L * D * bytes(dtype)."""
+        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+        return 2 * batch_size * num_kv_heads * max_len * head_dim * itemsize
+
+    def update(self, slot: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, S, D] at rows start_pos..start_pos+S of `slot` (overwriting what was
+        there) and return views of rows 0..start_pos+S, the keys and values the queries may see."""
+        end = start_pos + k.shape[2]
+        keys, values = self.keys[slot], self.values[slot]
+        if keys is None:
+            raise RuntimeError(f"KV slot {slot} was dropped from this cache")
+        keys[:, :, start_pos:end].copy_(k)
+        values[:, :, start_pos:end].copy_(v)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def keep_slots(self, slots) -> None:
+        """Free every slot not in `slots` (the LoopLM's last-loop KV sharing after prefill)."""
+        keep = set(slots)
+        for i in range(len(self.keys)):
+            if i not in keep:
+                self.keys[i] = self.values[i] = None
+
+    @property
+    def num_slots(self) -> int:
+        """Slots currently held."""
+        return sum(k is not None for k in self.keys)
+
+    def has_slot(self, slot: int) -> bool:
+        return self.keys[slot] is not None
+
+    def nbytes(self) -> int:
+        """Exact bytes held by the cache's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

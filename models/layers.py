@@ -1,0 +1,307 @@
+"""Layers shared by all three models, and their common base class.
+
+The decoder layer is Ouro's: sandwich RMSNorm (four norms), RoPE, SwiGLU, no biases. All three
+models use it unchanged, so any memory difference between them comes from the cache policy alone.
+Parameter names follow Ouro's Hugging Face checkpoints (`model.layers.{i}.self_attn.q_proj`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .cache import KVCache
+from .config import ConfigError, LoopConfig
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back to the input dtype, then scale (Ouro / Llama order).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@dataclass
+class Positions:
+    """Where a block of S tokens sits: RoPE tables for its positions and the attention mask.
+
+    Built once per forward (per chunk for MELT) and reused by every layer and loop.
+    """
+    start: int                       # position of the block's first token
+    cos: torch.Tensor                # [S, D], in the activations' dtype (computed in fp32)
+    sin: torch.Tensor                # [S, D]
+    mask: torch.Tensor | None        # [S, start+S] bool, only when start > 0 and S > 1
+
+    @classmethod
+    def make(cls, start: int, length: int, head_dim: int, theta: float, dtype: torch.dtype,
+             device: torch.device) -> "Positions":
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)                         # [S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                    # [S, D]
+        mask = None
+        if start > 0 and length > 1:
+            # Query i (absolute start+i) sees keys 0..start+i. When start == 0 the plain causal
+            # mask applies and SDPA needs no tensor; a single query sees everything before it.
+            keys = torch.arange(start + length, device=device)
+            mask = keys[None, :] <= pos.long()[:, None]
+        return cls(start, emb.cos().to(dtype), emb.sin().to(dtype), mask)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE on x [B, H, S, D]."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat((-x2, x1), dim=-1) * self.sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, kv_input: torch.Tensor, pos: Positions,
+                cache: KVCache | None, slot: int) -> torch.Tensor:
+        """Queries from x [B, S, d]; keys and values from kv_input [B, S, d] (x itself, except for
+        MELT's latent). With a cache, K/V go to rows pos.start.. of `slot` and attention covers
+        rows 0..pos.start+S of that slot."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)             # [B, H, S, D]
+        k = self.k_proj(kv_input).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
+        v = self.v_proj(kv_input).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = pos.rotate(q), pos.rotate(k)
+        if cache is not None:
+            k, v = cache.update(slot, pos.start, k, v)                                          # [B, Hkv, start+S, D]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=pos.mask, is_causal=pos.mask is None and S > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Ouro's sandwich-norm layer. Checkpoint names mislead; the order is:
+        x = x + input_layernorm_2(attn(input_layernorm(x)))
+        x = x + post_attention_layernorm_2(mlp(post_attention_layernorm(x)))
+    """
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(d, eps)             # before attention
+        self.input_layernorm_2 = RMSNorm(d, eps)           # after attention
+        self.post_attention_layernorm = RMSNorm(d, eps)    # before the MLP
+        self.post_attention_layernorm_2 = RMSNorm(d, eps)  # after the MLP
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None, slot: int = 0,
+                latent=None) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d]. `latent(u) -> h` lets MELT derive K/V from its gated latent
+        instead of the attention input u; the other models pass None."""
+        u = self.input_layernorm(x)
+        kv_input = u if latent is None else latent(u)
+        x = x + self.input_layernorm_2(self.self_attn(u, kv_input, pos, cache, slot))
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """What the three models share: embeddings, LM head, cache set-up, input checks, greedy
+    generation and checkpoints. Subclasses say how many KV slots they need and how the layers run.
+    """
+
+    arch: str = ""
+    # Checkpoint keys a model may lack (freshly initialised) or ignore when loading.
+    optional_keys: tuple[str, ...] = ()
+    ignored_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- what subclasses define -------------------------------------------------------------
+    def num_cache_slots(self) -> int:
+        raise NotImplementedError
+
+    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
+                   last_only: bool) -> torch.Tensor:
+        """Embedded tokens [B, S, d] -> final normed hidden states [B, S, d] ([B, 1, d] if last_only)."""
+        raise NotImplementedError
+
+    # -- weights ------------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init in the usual HF style: N(0, std) matrices, unit norms, zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+    def weights_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # -- cache --------------------------------------------------------------------------------
+    def _check_max_len(self, max_len: int) -> None:
+        limit = self.config.max_position_embeddings
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= limit:
+            raise ConfigError("max_len", f"got {max_len!r}", f"an integer in 1..{limit} (max_position_embeddings)")
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache preallocated for batch_size sequences of up to max_len tokens."""
+        self._check_max_len(max_len)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("batch_size", f"got {batch_size!r}", "an integer >= 1")
+        c = self.config
+        return KVCache(self.num_cache_slots(), batch_size, c.num_key_value_heads, max_len, c.head_dim,
+                       self.dtype, self.device)
+
+    def kv_cache_bytes(self, batch_size: int, max_len: int) -> int:
+        """Analytic size of new_cache(batch_size, max_len), without allocating it."""
+        c = self.config
+        return self.num_cache_slots() * KVCache.slot_bytes(batch_size, c.num_key_value_heads, max_len,
+                                                            c.head_dim, self.dtype)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_cache_bytes(1, 1)
+
+    # -- forward ------------------------------------------------------------------------------
+    def positions(self, start: int, length: int) -> Positions:
+        c = self.config
+        return Positions.make(start, length, c.head_dim, c.rope_theta, self.dtype, self.device)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, S] at positions start_pos.. -> logits [B, S, V], or [B, 1, V] for the last
+        position only (a long prefill then never materialises [B, S, V])."""
+        self._check_inputs(input_ids, cache, start_pos)
+        hidden = self.run_layers(self.model.embed_tokens(input_ids), cache, start_pos, last_only)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)
+
+    def _check_inputs(self, input_ids: torch.Tensor, cache: KVCache | None, start_pos: int) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 \
+                or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ConfigError("input_ids", f"got {getattr(input_ids, 'shape', type(input_ids))}",
+                              "an integer tensor [batch, seq_len] with seq_len >= 1")
+        B, S = input_ids.shape
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ConfigError("start_pos", f"got {start_pos!r}", "an integer >= 0")
+        if cache is None:
+            if start_pos != 0:
+                raise ConfigError("start_pos", f"{start_pos} without a cache", "0 (or pass the cache)")
+            self._check_max_len(S)
+            return
+        if B != cache.batch_size:
+            raise ConfigError("input_ids", f"batch {B} but the cache holds {cache.batch_size}",
+                              f"batch {cache.batch_size}")
+        if start_pos + S > cache.max_len:
+            raise ConfigError("start_pos", f"start_pos {start_pos} + length {S} is beyond the cache "
+                              f"(max_len {cache.max_len})", f"start_pos + length <= {cache.max_len}")
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with the KV cache: [B, S] -> [B, S + max_new_tokens]."""
+        B, S = input_ids.shape
+        cache = self.new_cache(B, S + max_new_tokens)
+        next_token = self(input_ids, cache=cache, last_only=True).argmax(-1)       # [B, 1]
+        tokens = [input_ids, next_token]
+        for step in range(1, max_new_tokens):
+            next_token = self(next_token, cache=cache, start_pos=S + step - 1, last_only=True).argmax(-1)
+            tokens.append(next_token)
+        return torch.cat(tokens[: 1 + max_new_tokens], dim=1)
+
+    # -- checkpoints (Hugging Face layout: config.json + model.safetensors) --------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.config.save_pretrained(path)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu", **overrides) -> "CausalLM":
+        """Load a checkpoint directory, ours or Ouro's (model_type "ouro", `total_ut_steps`).
+        Weights this model has and the checkpoint lacks (MELT's gates) are freshly initialised;
+        weights it does not use (the early-exit gate, for the standard model) are ignored."""
+        from . import build_from_config  # the registry lives in models/__init__.py
+
+        with open(os.path.join(path, "config.json")) as f:
+            fields = json.load(f)
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "arch"):
+            fields.pop(key, None)
+        if fields.get("rope_scaling", 0) is None:  # Ouro writes null; RoPE here is unscaled anyway
+            fields.pop("rope_scaling")
+        config = LoopConfig(arch=cls.arch, **{**fields, **overrides})
+        if cls.arch == "standard":
+            config.loops = 1
+        model = build_from_config(config.validate(), dtype=dtype, device=device)
+        state = load_file(os.path.join(path, WEIGHTS_NAME), device=str(model.device))
+        expected = set(model.state_dict())
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing = {k for k in expected - set(state) if not k.startswith(cls.optional_keys or "\0")}
+        unexpected = {k for k in set(state) - expected if not k.startswith(cls.ignored_keys or "\0")}
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+        return model

@@ -1,0 +1,134 @@
+"""MELT: a LoopLM with ONE KV slot per layer, shared by all loops and updated in place.
+
+Per layer l (gate shared across loops, like the layer), token i, loop t:
+    u = input_layernorm(x)                               # attention input, as in the LoopLM
+    z = sigmoid(u @ W_z + h_prev @ U_z + b_z)            # element-wise gate, width d
+    h = z * h_prev + (1 - z) * u                         # latent state of (token, layer)
+    cache_l[i] = rope_i(h @ W_k), h @ W_v                # overwrite row i; never a new slot
+    out = attention(rope_i(u @ W_q), cache_l[0..i])
+A sequence runs in chunks of C tokens: all T loops run over a chunk in lock-step, so a token sees
+earlier chunks' final (loop-T) rows and its own chunk's current-loop rows, causally masked. After
+loop T the chunk's rows are final and the next chunk starts; decode is a chunk of one token. The
+transient state is N latents [B, C, d] for the current chunk: it grows with neither L nor T.
+
+cache_update picks how h is formed (the paper's ablations): gated (MELT), last (z = 0: h = u),
+mean (running mean of u over loops), ema (z = ema_alpha, a fixed decay), scalar (one learned z per
+layer). init_latent: h_prev at loop 1 is u ("input", so loop 1 equals the LoopLM's whatever the
+gate) or 0 ("zero").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import LoopConfig
+from .layers import CausalLM
+
+
+class LatentGate(nn.Module):
+    """One layer's cache-update rule; holds that layer's latent h [B, C, d] for the current chunk."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.mode, self.init_latent, self.ema_alpha = config.cache_update, config.init_latent, config.ema_alpha
+        if self.mode == "gated":
+            self.input_proj = nn.Linear(d, d, bias=True)     # W_z, b_z
+            self.state_proj = nn.Linear(d, d, bias=False)    # U_z
+        elif self.mode == "scalar":
+            self.logit = nn.Parameter(torch.zeros(1))        # z = sigmoid(logit), one per layer
+        self.state: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def forward(self, u: torch.Tensor, loop: int) -> torch.Tensor:
+        """u [B, C, d] of loop `loop` (0-based) -> the latent h [B, C, d] that K/V are made from."""
+        h_prev = self.state
+        if h_prev is None:
+            if self.init_latent == "input":
+                self.state = u                                # h = z*u + (1-z)*u = u, exactly
+                return u
+            h_prev = torch.zeros_like(u)
+        if self.mode == "last":
+            h = u
+        elif self.mode == "mean":
+            h = (loop * h_prev + u) / (loop + 1)             # z = t / (t + 1)
+        elif self.mode == "ema":
+            h = self.ema_alpha * h_prev + (1 - self.ema_alpha) * u
+        else:
+            logit = self.input_proj(u) + self.state_proj(h_prev) if self.mode == "gated" else self.logit
+            z = torch.sigmoid(logit)
+            h = z * h_prev + (1 - z) * u
+        self.state = h
+        return h
+
+
+def chunk_bounds(length: int, chunk_size: int | Sequence[int]) -> list[tuple[int, int]]:
+    """[(begin, end)] covering 0..length in chunks of chunk_size (or of the given sizes)."""
+    sizes = [chunk_size] * -(-length // chunk_size) if isinstance(chunk_size, int) else list(chunk_size)
+    bounds, begin = [], 0
+    for size in sizes:
+        if begin >= length:
+            break
+        bounds.append((begin, min(begin + size, length)))
+        begin += size
+    if begin < length:
+        raise ValueError(f"chunk_size: sizes {list(chunk_size)} cover {begin} of {length} tokens")
+    return bounds
+
+
+class MeltLM(CausalLM):
+    arch = "melt"
+    optional_keys = ("model.latent_gates.",)  # absent from a LoopLM checkpoint: freshly initialised
+
+    def __init__(self, config: LoopConfig):
+        super().__init__(config)
+        self.model.early_exit_gate = nn.Linear(config.hidden_size, 1)  # kept from the LoopLM
+        self.model.latent_gates = nn.ModuleList(LatentGate(config) for _ in range(config.num_hidden_layers))
+
+    def num_cache_slots(self) -> int:
+        return self.config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False, chunk_size: int | Sequence[int] | None = None) -> torch.Tensor:
+        """As CausalLM.forward; chunk_size (an int, or a list of chunk lengths) overrides
+        config.chunk_size for this call. Chunks start at start_pos."""
+        self._chunk_size = chunk_size or self.config.chunk_size
+        return super().forward(input_ids, cache, start_pos, last_only)
+
+    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
+        B, S, _ = x.shape
+        bounds = chunk_bounds(S, getattr(self, "_chunk_size", self.config.chunk_size))
+        if cache is None and len(bounds) > 1:
+            # Later chunks read earlier chunks' final rows: keep them in a scratch cache.
+            cache = self.new_cache(B, S)
+        outputs = []
+        for begin, end in bounds:
+            if last_only and end < S:
+                self._run_chunk(x[:, begin:end], cache, start_pos + begin)  # fills the cache only
+                continue
+            outputs.append(self._run_chunk(x[:, begin:end], cache, start_pos + begin))
+        hidden = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        return hidden
+
+    def _run_chunk(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+        """All T loops over one chunk x [B, C, d] at positions start..start+C -> final s_T [B, C, d]."""
+        pos = self.positions(start, x.shape[1])
+        gates = self.model.latent_gates
+        for gate in gates:
+            gate.reset()
+        try:
+            for loop in range(self.config.loops):
+                for layer_idx, layer in enumerate(self.model.layers):
+                    x = layer(x, pos, cache, slot=layer_idx,
+                              latent=lambda u, g=gates[layer_idx]: g(u, loop))
+                x = self.model.norm(x)
+        finally:
+            for gate in gates:
+                gate.reset()                                     # the latents die with the chunk
+        return x

@@ -1,0 +1,25 @@
+"""Standard LLM: embed -> N layers once -> final norm -> lm_head. KV cache: N slots (slot = layer).
+
+The "non-looped model of the same size": T = 1 of the looped models, with the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+from .layers import CausalLM
+
+
+class StandardLM(CausalLM):
+    arch = "standard"
+    ignored_keys = ("model.early_exit_gate.",)  # present in Ouro checkpoints, unused here
+
+    def num_cache_slots(self) -> int:
+        return self.config.num_hidden_layers
+
+    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
+        pos = self.positions(start_pos, x.shape[1])
+        for layer_idx, layer in enumerate(self.model.layers):
+            x = layer(x, pos, cache, slot=layer_idx)
+        return self.model.norm(x[:, -1:] if last_only else x)
