@@ -168,7 +168,8 @@ class CausalLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
                    last_only: bool) -> torch.Tensor:
-        """Embedded tokens [B, S, d] -> final normed hidden states [B, S, d] ([B, 1, d] if last_only)."""
+        """Embedded tokens [B, S, d] -> final normed hidden states [B, S, d] (may be [B, 1, d] if
+        last_only). Subclasses may take extra keyword options, passed through from forward."""
         raise NotImplementedError
 
     # -- weights ------------------------------------------------------------------------------
@@ -226,11 +227,12 @@ class CausalLM(nn.Module):
         return Positions.make(start, length, c.head_dim, c.rope_theta, self.dtype, self.device)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, **options) -> torch.Tensor:
         """input_ids [B, S] at positions start_pos.. -> logits [B, S, V], or [B, 1, V] for the last
-        position only (a long prefill then never materialises [B, S, V])."""
+        position only (a long prefill then never materialises [B, S, V]). `options` go to
+        run_layers (MELT: chunk_size)."""
         self._check_inputs(input_ids, cache, start_pos)
-        hidden = self.run_layers(self.model.embed_tokens(input_ids), cache, start_pos, last_only)
+        hidden = self.run_layers(self.model.embed_tokens(input_ids), cache, start_pos, last_only, **options)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)

@@ -30,7 +30,7 @@ from .layers import CausalLM
 
 
 class LatentGate(nn.Module):
-    """One layer's cache-update rule; holds that layer's latent h [B, C, d] for the current chunk."""
+    """One layer's cache-update rule: (u, h_prev, loop) -> the latent h that K/V are made from."""
 
     def __init__(self, config: LoopConfig):
         super().__init__()
@@ -41,31 +41,22 @@ class LatentGate(nn.Module):
             self.state_proj = nn.Linear(d, d, bias=False)    # U_z
         elif self.mode == "scalar":
             self.logit = nn.Parameter(torch.zeros(1))        # z = sigmoid(logit), one per layer
-        self.state: torch.Tensor | None = None
 
-    def reset(self) -> None:
-        self.state = None
-
-    def forward(self, u: torch.Tensor, loop: int) -> torch.Tensor:
-        """u [B, C, d] of loop `loop` (0-based) -> the latent h [B, C, d] that K/V are made from."""
-        h_prev = self.state
+    def forward(self, u: torch.Tensor, h_prev: torch.Tensor | None, loop: int) -> torch.Tensor:
+        """u [B, C, d] of loop `loop` (0-based), h_prev [B, C, d] or None at loop 0 -> h [B, C, d]."""
         if h_prev is None:
             if self.init_latent == "input":
-                self.state = u                                # h = z*u + (1-z)*u = u, exactly
-                return u
+                return u                                     # h = z*u + (1-z)*u = u, exactly
             h_prev = torch.zeros_like(u)
         if self.mode == "last":
-            h = u
-        elif self.mode == "mean":
-            h = (loop * h_prev + u) / (loop + 1)             # z = t / (t + 1)
-        elif self.mode == "ema":
-            h = self.ema_alpha * h_prev + (1 - self.ema_alpha) * u
-        else:
-            logit = self.input_proj(u) + self.state_proj(h_prev) if self.mode == "gated" else self.logit
-            z = torch.sigmoid(logit)
-            h = z * h_prev + (1 - z) * u
-        self.state = h
-        return h
+            return u
+        if self.mode == "mean":
+            return (loop * h_prev + u) / (loop + 1)         # z = t / (t + 1): running mean of u
+        if self.mode == "ema":
+            return self.ema_alpha * h_prev + (1 - self.ema_alpha) * u
+        logit = self.input_proj(u) + self.state_proj(h_prev) if self.mode == "gated" else self.logit
+        z = torch.sigmoid(logit)
+        return z * h_prev + (1 - z) * u
 
 
 def chunk_bounds(length: int, chunk_size: int | Sequence[int]) -> list[tuple[int, int]]:
@@ -94,41 +85,35 @@ class MeltLM(CausalLM):
     def num_cache_slots(self) -> int:
         return self.config.num_hidden_layers
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False, chunk_size: int | Sequence[int] | None = None) -> torch.Tensor:
-        """As CausalLM.forward; chunk_size (an int, or a list of chunk lengths) overrides
-        config.chunk_size for this call. Chunks start at start_pos."""
-        self._chunk_size = chunk_size or self.config.chunk_size
-        return super().forward(input_ids, cache, start_pos, last_only)
-
-    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool,
+                   chunk_size: int | Sequence[int] | None = None) -> torch.Tensor:
+        """chunk_size (an int, or a list of chunk lengths) overrides config.chunk_size for this call;
+        chunks start at start_pos: model(ids, cache=cache, start_pos=p, chunk_size=[8, 1, 1])."""
         B, S, _ = x.shape
-        bounds = chunk_bounds(S, getattr(self, "_chunk_size", self.config.chunk_size))
+        bounds = chunk_bounds(S, chunk_size or self.config.chunk_size)
         if cache is None and len(bounds) > 1:
             # Later chunks read earlier chunks' final rows: keep them in a scratch cache.
             cache = self.new_cache(B, S)
         outputs = []
         for begin, end in bounds:
-            if last_only and end < S:
-                self._run_chunk(x[:, begin:end], cache, start_pos + begin)  # fills the cache only
-                continue
-            outputs.append(self._run_chunk(x[:, begin:end], cache, start_pos + begin))
-        hidden = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        return hidden
+            hidden = self._run_chunk(x[:, begin:end], cache, start_pos + begin)
+            if not last_only or end == S:  # with last_only, earlier chunks only fill the cache
+                outputs.append(hidden)
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     def _run_chunk(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         """All T loops over one chunk x [B, C, d] at positions start..start+C -> final s_T [B, C, d]."""
         pos = self.positions(start, x.shape[1])
-        gates = self.model.latent_gates
-        for gate in gates:
-            gate.reset()
-        try:
-            for loop in range(self.config.loops):
-                for layer_idx, layer in enumerate(self.model.layers):
-                    x = layer(x, pos, cache, slot=layer_idx,
-                              latent=lambda u, g=gates[layer_idx]: g(u, loop))
-                x = self.model.norm(x)
-        finally:
-            for gate in gates:
-                gate.reset()                                     # the latents die with the chunk
-        return x
+        latents: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers  # N x [B, C, d]
+
+        def latent_update(layer_idx: int, loop: int):
+            def update(u: torch.Tensor) -> torch.Tensor:
+                latents[layer_idx] = self.model.latent_gates[layer_idx](u, latents[layer_idx], loop)
+                return latents[layer_idx]
+            return update
+
+        for loop in range(self.config.loops):
+            for layer_idx, layer in enumerate(self.model.layers):
+                x = layer(x, pos, cache, slot=layer_idx, latent=latent_update(layer_idx, loop))
+            x = self.model.norm(x)
+        return x  # the latents die with the chunk

@@ -204,13 +204,6 @@ def test_last_loop_sharing_keeps_one_slot_per_layer():
     assert cache.nbytes() == build_model("standard", "tiny").kv_cache_bytes(1, 16)
 
 
-def test_melt_latent_state_is_transient():
-    """No latent survives a forward: the only state kept across calls is the KV cache."""
-    melt = build_model("melt", "tiny", loops=4, chunk_size=4)
-    melt(tokens(0), cache=melt.new_cache(2, 24))
-    assert all(gate.state is None for gate in melt.model.latent_gates)
-
-
 # -- parameter counts, on the meta device -------------------------------------------------------------
 def test_parameter_counts():
     assert build_model("ouro", "ouro-1.4b", device="meta").num_parameters() == 1_434_652_673
