@@ -1,0 +1,1 @@
+"""meltbench's benchmark side: config, probes, scenarios, runner, result rows and reports."""

@@ -1,0 +1,73 @@
+"""Command-line checks run before Hydra starts: every point of the requested run or sweep is
+composed and checked first, so a bad value costs one line on stderr and nothing is measured or
+written. Hydra's own error output (several lines and a hint about stack traces) is not used for
+bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from .config import BenchConfig, ConfigError, resolve
+from .runner import POINTS_ENV, START_ENV
+
+
+def fail(message: str) -> None:
+    print(f"run_bench.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
+    """Check every point `argv` asks for; on a bad one print it and exit 2."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return
+    try:
+        points = _points(args.overrides, args.multirun, config_dir, config_name)
+    except ConfigError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors, made one line
+        fail(_one_line(e))
+    os.environ[POINTS_ENV] = str(points)
+    os.environ[START_ENV] = str(time.time())
+
+
+def _points(overrides: list[str], multirun: bool, config_dir: str, config_name: str) -> int:
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        if not multirun:
+            resolve(compose(config_name, overrides=overrides))
+            return 1
+        # The sweep, expanded as Hydra's basic sweeper does: the experiment's sweeper params,
+        # then the command line's (which win).
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        base = compose(config_name, overrides=fixed, return_hydra_config=True)
+        params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+        swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(swept, None) for job in batch]
+        for job in jobs:
+            resolve(compose(config_name, overrides=job))
+        return len(jobs)
+
+
+def _one_line(e: Exception) -> str:
+    """'<field>: <problem>; allowed: ...' from a composition error."""
+    cause = e.__cause__ or e
+    key = getattr(cause, "full_key", None)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if "not in struct" in first or "Could not override" in str(e):
+        name = key or first
+        return (f"{name}: not a setting of run_bench.py; allowed: "
+                + ", ".join(BenchConfig.__dataclass_fields__))
+    options = getattr(cause, "options", None)  # an unknown config group option
+    if options:
+        return f"{first}; allowed: {' | '.join(options)}"
+    return f"{key}: {first}" if key else first

@@ -1,0 +1,152 @@
+"""The benchmark's configuration: one dataclass registered in Hydra's ConfigStore, and its checks.
+
+Hydra composes conf/ on top of `BenchConfig` (types are enforced by OmegaConf while composing);
+`resolve()` then checks the values against each other and against this machine, resolves the
+`auto` choices and returns the `BenchConfig` a sweep point runs with. Every bad value raises
+`ConfigError`, whose message is the one line the command line prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+SCENARIOS = ("prefill", "decode", "generate")
+PROBES = ("auto", "cuda", "tracked")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+# Model options, and the models they apply to. In a sweep across models an option is passed only to
+# the models that have it; the others leave its column empty.
+MODEL_OPTIONS = {
+    "chunk_size": ("melt",),
+    "cache_update": ("melt",),
+    "init_latent": ("melt",),
+    "kv_sharing": ("ouro",),
+    "exit_policy": ("ouro",),
+    "exit_threshold": ("ouro",),
+    "exit_step": ("ouro",),
+}
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message reads '<field>: <what is wrong>; allowed: <what is>', the format
+    the models package uses too."""
+
+
+def _bad(field: str, problem: str, allowed: str) -> ConfigError:
+    return ConfigError(f"{field}: {problem}; allowed: {allowed}")
+
+
+@dataclass
+class BenchConfig:
+    # What to measure
+    model: str = "melt"  # standard | ouro | melt
+    # Size preset of models.SIZES; by default `small` on CPU and Ouro-1.4B on a GPU.
+    size: str = "${on_device:${device},small,ouro-1.4b}"
+    loops: int = 4
+    seq_len: int = 1024  # prompt tokens (the cache holds this many before decoding)
+    batch: int = 1
+    scenario: str = "generate"  # prefill | decode | generate
+    new_tokens: int = 32  # decode steps (decode and generate)
+    # How and where
+    probe: str = "auto"  # auto (cuda on a GPU, else tracked) | cuda | tracked
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16
+    repeats: int = 3  # timed repeats; speed columns are medians over them
+    warmup: int = 1  # untimed full runs of the scenario before measuring
+    seed: int = 0
+    # Model options (None: the model's default); see MODEL_OPTIONS for which model takes which.
+    chunk_size: Optional[int] = None
+    cache_update: Optional[str] = None
+    init_latent: Optional[str] = None
+    kv_sharing: Optional[str] = None
+    exit_policy: Optional[str] = None
+    exit_threshold: Optional[float] = None
+    exit_step: Optional[int] = None
+    # A device memory cap in MiB: allocations past it raise an out-of-memory error, as a smaller
+    # device would (the tracked probe checks live bytes; on CUDA it sets the allocator's fraction).
+    mem_limit_mib: Optional[float] = None
+    # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
+    name: str = "adhoc"
+
+    def model_options(self) -> dict:
+        """The options set for this point's model, as keyword arguments for models.build_model."""
+        return {k: getattr(self, k) for k, models in MODEL_OPTIONS.items()
+                if self.model in models and getattr(self, k) is not None}
+
+
+def cuda_wanted(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml builds on it) and add the resolver
+    that lets configs pick a value by device: ${on_device:${device},<on CPU>,<on a GPU>}."""
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+    if not OmegaConf.has_resolver("on_device"):
+        OmegaConf.register_new_resolver(
+            "on_device", lambda device, cpu, gpu: gpu if cuda_wanted(str(device)) else cpu)
+
+
+def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
+    """Check a composed config and return it with every `auto` replaced by what will be used.
+    Raises ConfigError on the first bad value; allocates nothing."""
+    from models import SIZES, MODEL_NAMES, make_config  # the models package, imported on use
+
+    c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    _choice("model", c.model, MODEL_NAMES)
+    _choice("size", c.size, tuple(SIZES))
+    _choice("scenario", c.scenario, SCENARIOS)
+    _choice("device", c.device, DEVICES)
+    _choice("dtype", c.dtype, DTYPES)
+    _choice("probe", c.probe, PROBES)
+    for field, low in (("loops", 1), ("seq_len", 1), ("batch", 1), ("new_tokens", 1),
+                       ("repeats", 1), ("warmup", 0)):
+        if getattr(c, field) < low:
+            raise _bad(field, f"got {getattr(c, field)}", f"an integer >= {low}")
+    if c.mem_limit_mib is not None and c.mem_limit_mib <= 0:
+        raise _bad("mem_limit_mib", f"got {c.mem_limit_mib}", "a positive number of MiB")
+
+    gpu = torch.cuda.is_available()
+    if c.device == "cuda" and not gpu:
+        raise _bad("device", "cuda asked for, but this machine has no CUDA GPU",
+                          "auto | cpu")
+    device = "cuda" if cuda_wanted(c.device) else "cpu"
+    if c.probe == "cuda" and device != "cuda":
+        raise _bad("probe", f"cuda needs device=cuda (device is {device})",
+                          "auto | tracked")
+    if c.dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise _bad("dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}",
+                          "auto | float32")
+    dtype = c.dtype if c.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    probe = c.probe if c.probe != "auto" else ("cuda" if device == "cuda" else "tracked")
+
+    try:
+        model_cfg = make_config(c.model, size=c.size, loops=c.loops, **c.model_options())
+    except ValueError as e:  # the models package names the field and what is allowed
+        raise ConfigError(str(e)) from None
+    needed = c.seq_len + (c.new_tokens if c.scenario != "prefill" else 0)
+    if needed > model_cfg.max_position_embeddings:
+        limit = model_cfg.max_position_embeddings
+        what = "seq_len" if c.scenario == "prefill" else "seq_len + new_tokens"
+        raise _bad("seq_len", f"{what} = {needed} is past size {c.size}'s "
+                          f"max_position_embeddings {limit}",
+                          f"seq_len <= {limit - needed + c.seq_len}")
+    # The point as it will run: `standard` runs once whatever loops asks, a prefill decodes nothing,
+    # and the options show the model's values (empty for options the model does not have).
+    options = {k: getattr(model_cfg, k) if c.model in models else None
+               for k, models in MODEL_OPTIONS.items()}
+    return dataclasses.replace(c, device=device, dtype=dtype, probe=probe, loops=model_cfg.loops,
+                               new_tokens=0 if c.scenario == "prefill" else c.new_tokens, **options)
+
+
+def _choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise _bad(field, f"unknown value {value!r}", " | ".join(allowed))
+

@@ -1,0 +1,90 @@
+"""Environment columns of a result row, and what NVML says about the GPU."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def _static() -> dict:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:  # CPU-only: name the processor, so reference rows say what they ran on
+        name = "CPU: " + (_cpu_model() or platform.machine())
+    return {"gpu_name": name, "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda, "git_sha": _git_sha()}
+
+
+def info() -> dict:
+    return {**_static(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
+                             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def _nvml_handle():
+    """NVML's handle for the current CUDA device (matched by UUID, so CUDA_VISIBLE_DEVICES and
+    NVML's own numbering cannot disagree), or None without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID("GPU-" + uuid if not uuid.startswith("GPU-") else uuid)
+    except Exception:  # no NVML, no driver, or an unknown UUID: the NVML columns stay empty
+        return None
+
+
+def nvml_used_bytes() -> tuple[int | None, str | None]:
+    """(bytes, "process") for this process, or (bytes, "device") for the whole GPU when NVML
+    does not list our pid (a container's pid namespace), or (None, None) without NVML."""
+    handle = _nvml_handle()
+    if handle is None:
+        return None, None
+    import pynvml
+
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == os.getpid() and proc.usedGpuMemory:
+            return int(proc.usedGpuMemory), "process"
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), "device"
+
+
+@functools.cache
+def peak_bandwidth_bytes_per_s() -> float | None:
+    """The GPU's theoretical memory bandwidth: 2 transfers per clock x max memory clock x bus
+    width. None on CPU or without NVML."""
+    handle = _nvml_handle() if torch.cuda.is_available() else None
+    if handle is None:
+        return None
+    import pynvml
+
+    try:
+        mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+    except pynvml.NVMLError:
+        return None
+    return 2 * mhz * 1e6 * bus_bits / 8

@@ -1,0 +1,241 @@
+"""Tables, plots and a Markdown report from a folder of result rows.
+
+    python -m bench.report results/default            # rebuild in place
+    python -m bench.report some/folder --out elsewhere
+
+Writes table.csv, table.parquet, report.md, memory_vs_depth.png, memory_vs_seq_len.png and
+throughput.png. Memory is shown in MiB (2**20 bytes); the table keeps exact bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .config import MODEL_OPTIONS  # noqa: E402
+from .results import load_rows  # noqa: E402
+
+MIB = 2**20
+MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT"}
+COLORS = {"standard": "tab:gray", "ouro": "tab:red", "melt": "tab:blue"}
+PLOTS = ("memory_vs_depth.png", "memory_vs_seq_len.png", "throughput.png")
+
+
+def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
+    """Gather every result row under `src` and write the table, plots and report to `out`."""
+    out = Path(out or src)
+    out.mkdir(parents=True, exist_ok=True)
+    df = load_rows(src)
+    df.to_csv(out / "table.csv", index=False)
+    df.to_parquet(out / "table.parquet", index=False)
+    view = plot_view(df)
+    plot_memory_vs_depth(view, out / PLOTS[0])
+    plot_memory_vs_seq_len(view, out / PLOTS[1])
+    plot_throughput(view, out / PLOTS[2])
+    (out / "report.md").write_text(markdown(df, view, title=Path(src).resolve().name))
+    return df
+
+
+# -- what the plots show ----------------------------------------------------------------------
+
+def plot_view(df: pd.DataFrame) -> pd.DataFrame:
+    """One slice of the table for the plots and summaries: a single scenario (generate if there,
+    else decode, else prefill), the smallest batch, and a `series` label per model variant."""
+    if df.empty:
+        return df.assign(series=pd.Series(dtype=str))
+    scenario = next(s for s in ("generate", "decode", "prefill") if (df.scenario == s).any())
+    view = df[(df.scenario == scenario) & (df.batch == df.batch.min())].copy()
+    # Options that vary within a model (e.g. cache_update) split it into several lines.
+    varying = [k for k in MODEL_OPTIONS if view.groupby("model")[k].nunique(dropna=False).max() > 1]
+    view["series"] = view.apply(
+        lambda r: " ".join([MODEL_LABELS.get(r.model, r.model)]
+                           + [f"{k}={r[k]}" for k in varying if pd.notna(r[k])]), axis=1)
+    return view
+
+
+def _panels(view: pd.DataFrame):
+    """(loops, rows) per panel: one panel per loop count of the looped models, each also showing
+    the standard model (which runs once whatever the loop count) as a reference."""
+    looped = view[view.model != "standard"]
+    standard = view[view.model == "standard"]
+    loops = sorted(looped.loops.unique()) or sorted(standard.loops.unique()) or [1]
+    return [(n, pd.concat([looped[looped.loops == n], standard])) for n in loops]
+
+
+def _figure(n: int):
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.6, 3.8), squeeze=False, sharey=True)
+    return fig, axes[0]
+
+
+def _save(fig, axes, path: Path, empty_note: str | None) -> None:
+    if empty_note:
+        axes[0].text(0.5, 0.5, empty_note, ha="center", va="center", transform=axes[0].transAxes)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _log2_axis(ax, values) -> None:
+    """Log-2 x axis ticked at the measured values, written as plain numbers."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(values))
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+
+
+def _mark_oom(ax, rows: pd.DataFrame, x: str, color) -> None:
+    """Points that ran out of memory: an x on the top edge of the panel."""
+    xs = rows.loc[rows.status == "oom", x]
+    if len(xs):
+        ax.plot(xs, [1.0] * len(xs), "x", color=color, ms=9, mew=2, clip_on=False,
+                transform=ax.get_xaxis_transform())
+
+
+def plot_memory_vs_depth(view: pd.DataFrame, path: Path) -> None:
+    """Peak memory against loops, one line per model and one panel per sequence length; the
+    analytic KV cache dashed. The standard model runs once: a horizontal reference."""
+    seq_lens = sorted(view.seq_len.unique()) if len(view) else [None]
+    fig, axes = _figure(len(seq_lens))
+    for ax, seq_len in zip(axes, seq_lens):
+        rows = view[view.seq_len == seq_len]
+        for series, s in rows.groupby("series", sort=False):
+            s = s.sort_values("loops")
+            ok = s[s.status == "ok"]
+            color = COLORS.get(s.model.iloc[0])
+            if s.model.iloc[0] == "standard" and len(ok):
+                ax.axhline(ok.peak_bytes.iloc[0] / MIB, color=color, ls=":", label=f"{series} peak")
+                ax.axhline(ok.kv_bytes_analytic.iloc[0] / MIB, color=color, ls="--", lw=1,
+                           label=f"{series} KV (analytic)")
+                continue
+            ax.plot(ok.loops, ok.peak_bytes / MIB, "o-", color=color, label=f"{series} peak")
+            ax.plot(ok.loops, ok.kv_bytes_analytic / MIB, "--", color=color, lw=1,
+                    label=f"{series} KV (analytic)")
+            _mark_oom(ax, s, "loops", color)
+        _log2_axis(ax, rows.loops)
+        ax.set_xlabel("loops")
+        ax.set_title(f"seq_len {seq_len}" if seq_len else "")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("memory (MiB)")
+    _save(fig, axes, path, None if len(view) else "no results")
+
+
+def plot_memory_vs_seq_len(view: pd.DataFrame, path: Path) -> None:
+    """Peak memory against sequence length, one panel per loop count; OOM points as x on top."""
+    _per_seq_len(view, path, "peak_bytes", MIB, "peak memory (MiB)")
+
+
+def plot_throughput(view: pd.DataFrame, path: Path) -> None:
+    """Decode tokens/s against sequence length (context before decoding), one panel per loops."""
+    _per_seq_len(view, path, "decode_tokens_per_s", 1, "decode tokens/s")
+
+
+def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabel: str) -> None:
+    panels = _panels(view)
+    fig, axes = _figure(len(panels))
+    drawn = False
+    for ax, (loops, rows) in zip(axes, panels):
+        for series, s in rows.groupby("series", sort=False):
+            s = s.sort_values("seq_len")
+            ok = s[(s.status == "ok") & s[column].notna()]
+            color = COLORS.get(s.model.iloc[0])
+            style = ":" if s.model.iloc[0] == "standard" else "-"
+            ax.plot(ok.seq_len, ok[column] / unit, "o" + style, color=color, label=series)
+            _mark_oom(ax, s, "seq_len", color)
+            drawn |= len(ok) > 0
+        _log2_axis(ax, rows.seq_len)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_title(f"loops {loops}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    _save(fig, axes, path, None if drawn else f"no {column} results")
+
+
+# -- the report -------------------------------------------------------------------------------
+
+def ratio_table(view: pd.DataFrame, column: str = "peak_bytes") -> pd.DataFrame:
+    """MELT / LoopLM of `column` per sequence length (rows) and loops (columns)."""
+    ok = view[view.status == "ok"]
+    pivot = ok.pivot_table(index=["seq_len", "loops"], columns="model", values=column,
+                           aggfunc="first")
+    if not {"melt", "ouro"} <= set(pivot.columns):
+        return pd.DataFrame()
+    return (pivot["melt"] / pivot["ouro"]).unstack("loops")
+
+
+def oom_frontier(view: pd.DataFrame) -> pd.DataFrame:
+    """Per model variant and loops: the longest sequence that fitted and the shortest that did not."""
+    groups = view.groupby(["series", "loops"])
+    frontier = pd.DataFrame({
+        "longest_ok": groups.apply(lambda g: g.loc[g.status == "ok", "seq_len"].max(),
+                                   include_groups=False),
+        "shortest_oom": groups.apply(lambda g: g.loc[g.status == "oom", "seq_len"].min(),
+                                     include_groups=False),
+    })
+    return frontier[frontier.shortest_oom.notna()].astype("Int64")
+
+
+TABLE_COLUMNS = {  # report column -> (table column, divisor)
+    "peak MiB": ("peak_bytes", MIB), "prefill peak MiB": ("peak_prefill_bytes", MIB),
+    "decode peak MiB": ("peak_decode_bytes", MIB), "KV MiB": ("kv_bytes_analytic", MIB),
+    "weights MiB": ("weights_bytes", MIB), "prefill tok/s": ("prefill_tokens_per_s", 1),
+    "decode tok/s": ("decode_tokens_per_s", 1), "p50 ms/token": ("token_latency_ms_p50", 1),
+}
+
+
+def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
+    lines = [f"# meltbench: {title}", ""]
+    if df.empty:
+        return "\n".join(lines + ["No results yet.", ""])
+    first = df.iloc[0]
+    counts = ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items())
+    lines += [
+        f"- device: {', '.join(df.gpu_name.dropna().unique())} ({', '.join(df.device.unique())}),"
+        f" dtype {', '.join(df.dtype.unique())}, probe {', '.join(df.probe.unique())}",
+        f"- torch {first.torch_version}, CUDA {first.cuda_version or 'none'},"
+        f" git {', '.join(df.git_sha.dropna().unique())}",
+        f"- measured {df.timestamp.min()} to {df.timestamp.max()}; {len(df)} points: {counts}",
+        f"- plots and summaries below: scenario {view.scenario.iloc[0]}, batch {view.batch.iloc[0]};"
+        " memory in MiB (2^20 bytes)", "",
+    ]
+    for column, what in (("peak_bytes", "peak memory"), ("kv_bytes_analytic", "KV cache")):
+        ratios = ratio_table(view, column)
+        if not ratios.empty:
+            lines += [f"## MELT / LoopLM {what} (rows: seq_len, columns: loops)", "",
+                      ratios.to_markdown(floatfmt=".3f"), ""]
+    frontier = oom_frontier(view)
+    if not frontier.empty:
+        lines += ["## OOM frontier", "", frontier.to_markdown(), ""]
+    lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
+    table = df[["model", "loops", "seq_len", "batch", "scenario", "status"]].copy()
+    for name, (column, unit) in TABLE_COLUMNS.items():
+        table[name] = df[column] / unit
+    lines += ["## All points", "", table.to_markdown(index=False, floatfmt=".1f"), ""]
+    errors = df[df.status == "error"]
+    if len(errors):
+        lines += ["## Errors", ""] + [f"- {r.model} loops={r.loops} seq_len={r.seq_len}: {r.error}"
+                                      for r in errors.itertuples()] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    parser.add_argument("src", help="folder holding result.json files (searched recursively)")
+    parser.add_argument("--out", help="where to write (default: src)")
+    args = parser.parse_args(argv)
+    df = build(args.src, args.out)
+    print(f"{len(df)} rows -> {args.out or args.src}")
+
+
+if __name__ == "__main__":
+    main()

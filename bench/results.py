@@ -1,0 +1,68 @@
+"""The result row: its columns, how one is written (atomically) and how a folder of them is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .config import MODEL_OPTIONS, BenchConfig
+
+RESULT_FILE = "result.json"
+
+# A point is identified by these; a sweep skips a point whose identity already has a result.
+IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
+            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib"]
+STATUS = ["status", "error"]
+MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
+          "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
+          "reserved_bytes", "nvml_used_bytes", "nvml_scope", "non_torch_bytes"]
+SPEED = ["prefill_tokens_per_s", "decode_tokens_per_s", "token_latency_ms_p50",
+         "token_latency_ms_p90", "bandwidth_utilization"]
+ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
+COLUMNS = IDENTITY + STATUS + MEMORY + SPEED + ENV
+
+
+def identity(point: BenchConfig) -> dict:
+    """The identity columns of a resolved point (see bench.config.resolve)."""
+    values = dataclasses.asdict(point)
+    return {k: values[k] for k in IDENTITY}
+
+
+def write_row(folder: Path, row: dict) -> Path:
+    """Write one row as JSON: a temporary file in the same folder, then a rename, so a reader (or a
+    killed run) never sees half a row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".result-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: row.get(k) for k in COLUMNS}, f, indent=1)
+        os.replace(tmp, folder / RESULT_FILE)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return folder / RESULT_FILE
+
+
+def load_rows(folder: Path | str) -> pd.DataFrame:
+    """Every result row under `folder` (any depth), one per identity: the newest wins."""
+    rows = [json.loads(p.read_text()) for p in sorted(Path(folder).rglob(RESULT_FILE))]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if df.empty:
+        return df
+    df = df.sort_values("timestamp").drop_duplicates(IDENTITY, keep="last")
+    return df.sort_values(["model", "seq_len", "loops", "batch", "scenario"]).reset_index(drop=True)
+
+
+def find_measured(folder: Path | str, ident: dict) -> dict | None:
+    """A row under `folder` with this identity that need not be measured again (ok or oom; an
+    error is retried)."""
+    for p in Path(folder).rglob(RESULT_FILE):
+        row = json.loads(p.read_text())
+        if row.get("status") in ("ok", "oom") and all(row.get(k) == v for k, v in ident.items()):
+            return row
+    return None

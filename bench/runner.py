@@ -1,0 +1,167 @@
+"""One sweep point: check the config, skip it if already measured, measure it, write its row."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from . import env
+from .config import BenchConfig, resolve
+from .probes import make_probe
+from .results import find_measured, identity, write_row
+from .scenarios import Scenario
+
+log = logging.getLogger("bench")
+
+# Set by run_bench.py's preflight for the progress lines (the launcher does not tell a job).
+POINTS_ENV, START_ENV = "MELTBENCH_POINTS", "MELTBENCH_START"
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the point `cfg` inside a Hydra job and return its row (also written as result.json in
+    the job's folder). In a multirun, a point whose identity already has a row under the sweep
+    folder is skipped and that row returned."""
+    point = resolve(cfg)
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    job_num = hc.job.num if multirun else 0
+    if multirun:
+        done = find_measured(hc.sweep.dir, identity(point))
+        if done is not None:
+            _progress(job_num, done, "already measured, skipped")
+            return done
+    row = measure(point)
+    write_row(Path(hc.runtime.output_dir), row)
+    _progress(job_num, row, row["status"])
+    return row
+
+
+def measure(point: BenchConfig) -> dict:
+    """Measure a resolved point. An out-of-memory error is a result (status=oom); any other failure
+    is status=error with its message: a sweep always gets its row and goes on."""
+    start = time.perf_counter()
+    row = {**identity(point), **env.info(), "status": "ok"}
+    try:
+        row.update(_measure(point))
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+        row.update(status="oom" if oom else "error",
+                   error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+    # The exception (and the frames holding model and cache) is gone here: give the memory back
+    # before the next point, which may run in this same process.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    row["wall_s"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def _measure(p: BenchConfig) -> dict:
+    from models import build_model  # imported on use: configs compose without building anything
+
+    device = torch.device(p.device)
+    limit = None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20)
+    probe = make_probe(p.probe, limit)
+    decodes = p.scenario != "prefill"
+    torch.manual_seed(p.seed)
+    with torch.inference_mode():
+        # Memory pass: build, warm up (first calls allocate library workspaces), then one
+        # prefill and one decode, each under its own peak.
+        with probe.session():
+            model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
+                                device=device, **p.model_options())
+            baseline = probe.current_bytes()
+            prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=device)
+            run = Scenario(model, prompt, p.new_tokens)
+            for _ in range(p.warmup):
+                run.new_cache()
+                logits, _ = run.prefill()
+                if decodes:
+                    run.decode(logits)
+            run.cache = None
+            before = probe.current_bytes()
+            run.new_cache()
+            kv_measured = probe.current_bytes() - before
+            with probe.phase() as pre:
+                logits, _ = run.prefill()
+            if decodes:
+                with probe.phase() as dec:
+                    run.decode(logits)
+            nvml = probe.nvml()
+
+        # Timing pass, outside the probe (the tracked probe's bookkeeping would slow it down).
+        prefill_s, decode_s, step_s = [], [], []
+        for _ in range(p.repeats):
+            run.new_cache()
+            logits, seconds = run.prefill()
+            prefill_s.append(seconds)
+            if decodes:
+                steps = run.decode(logits)
+                decode_s.append(sum(steps))
+                step_s += steps
+
+    phases = [pre] if p.scenario == "prefill" else [dec] if p.scenario == "decode" else [pre, dec]
+    row = {
+        "weights_bytes": model.weights_bytes(),
+        "baseline_bytes": baseline,
+        "kv_bytes_analytic": model.kv_cache_bytes(p.batch, p.seq_len + p.new_tokens),
+        "kv_bytes_measured": kv_measured,
+        "kv_bytes_per_token": model.kv_bytes_per_token(),
+        "peak_prefill_bytes": pre.peak_bytes,
+        "peak_decode_bytes": dec.peak_bytes if decodes else None,
+        "peak_bytes": max(ph.peak_bytes for ph in phases),
+        "reserved_bytes": max((ph.reserved_bytes for ph in phases if ph.reserved_bytes), default=None),
+        "prefill_tokens_per_s": p.batch * p.seq_len / float(np.median(prefill_s)),
+        **nvml,
+    }
+    if decodes:
+        steps_per_s = p.new_tokens / float(np.median(decode_s))
+        peak_bw = env.peak_bandwidth_bytes_per_s() if device.type == "cuda" else None
+        row.update(
+            decode_tokens_per_s=p.batch * steps_per_s,
+            token_latency_ms_p50=float(np.percentile(step_s, 50)) * 1e3,
+            token_latency_ms_p90=float(np.percentile(step_s, 90)) * 1e3,
+            bandwidth_utilization=(decode_bytes_per_step(model, p) * steps_per_s / peak_bw
+                                   if peak_bw else None),
+        )
+    return row
+
+
+def decode_bytes_per_step(model, p: BenchConfig) -> float:
+    """Bytes one decode step must read from memory, the roofline numerator: every loop reads the
+    layer weights (gates included) and one KV slot per layer over the context; the output head is
+    read once and the embedding only for one row (ignored). Context: its mean over the decode."""
+    c = model.config
+    itemsize = torch.empty((), dtype=model.dtype, device="meta").element_size()
+    table = c.vocab_size * c.hidden_size * itemsize
+    layers = model.weights_bytes() - (table if c.tie_word_embeddings else 2 * table)
+    context = p.seq_len + (p.new_tokens - 1) / 2
+    kv_per_loop = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize
+                   * p.batch * context)
+    return c.loops * (layers + kv_per_loop) + table
+
+
+def _progress(job_num: int, row: dict, what: str) -> None:
+    total = os.environ.get(POINTS_ENV, "?")
+    start = float(os.environ.get(START_ENV, time.time()))
+    elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start))
+    figures = ""
+    if row.get("status") == "ok":
+        figures = f"peak {row['peak_bytes'] / 2**20:.1f} MiB"
+        if row.get("decode_tokens_per_s"):
+            figures += f", decode {row['decode_tokens_per_s']:.1f} tok/s"
+    elif row.get("error"):
+        figures = row["error"]
+    log.info("point %d of %s | elapsed %s | %s loops=%s seq_len=%s batch=%s: %s%s",
+             job_num + 1, total, elapsed, row["model"], row["loops"], row["seq_len"], row["batch"],
+             what, f" | {figures}" if figures else "")
