@@ -6,6 +6,7 @@ bad input."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -59,15 +60,20 @@ def _points(overrides: list[str], multirun: bool, config_dir: str, config_name: 
 
 
 def _one_line(e: Exception) -> str:
-    """'<field>: <problem>; allowed: ...' from a composition error."""
+    """'<field>: <problem>; allowed: ...' from a composition or parse error."""
     cause = e.__cause__ or e
     key = getattr(cause, "full_key", None)
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    text = str(cause).strip()
+    first = text.splitlines()[0] if text else type(cause).__name__
+    fields = BenchConfig.__dataclass_fields__
     if "not in struct" in first or "Could not override" in str(e):
-        name = key or first
-        return (f"{name}: not a setting of run_bench.py; allowed: "
-                + ", ".join(BenchConfig.__dataclass_fields__))
-    options = getattr(cause, "options", None)  # an unknown config group option
-    if options:
-        return f"{first}; allowed: {' | '.join(options)}"
-    return f"{key}: {first}" if key else first
+        return f"{key or first}: not a setting of run_bench.py; allowed: {', '.join(fields)}"
+    if key in fields:  # a value OmegaConf could not convert to the field's type
+        return f"{key}: {first}; allowed: {fields[key].type}"
+    missing = re.search(r"Could not find '(.+)/([^/']+)'", first)
+    if missing:  # an unknown option of a config group (experiment=, hydra/launcher=)
+        group, value = missing.groups()
+        return f"{group}: unknown value {value!r}; allowed: {' | '.join(cause.options or [])}"
+    if "Error parsing override" in first:
+        return f"{first}; allowed: key=value overrides, e.g. loops=4 or, with -m, loops=1,2,4"
+    return first

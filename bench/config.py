@@ -87,11 +87,15 @@ def cuda_wanted(device: str) -> bool:
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore (conf/config.yaml builds on it) and add the resolver
-    that lets configs pick a value by device: ${on_device:${device},<on CPU>,<on a GPU>}."""
+    that lets configs pick a value by device: ${on_device:${device},<on CPU>,<on a GPU>}, and
+    the one giving the isolated launcher's sweeps batches of one point (submitit's local executor
+    would start a whole batch at once)."""
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
     if not OmegaConf.has_resolver("on_device"):
         OmegaConf.register_new_resolver(
             "on_device", lambda device, cpu, gpu: gpu if cuda_wanted(str(device)) else cpu)
+        OmegaConf.register_new_resolver(
+            "sweep_batch", lambda launcher: 1 if launcher == "isolated" else None)
 
 
 def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
