@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from . import env
 from .config import BenchConfig, resolve
 from .probes import make_probe
-from .results import find_measured, identity, write_row
+from .results import COLUMNS, find_measured, identity, write_row
 from .scenarios import Scenario
 
 log = logging.getLogger("bench")
@@ -49,7 +49,7 @@ def measure(point: BenchConfig) -> dict:
     """Measure a resolved point. An out-of-memory error is a result (status=oom); any other failure
     is status=error with its message: a sweep always gets its row and goes on."""
     start = time.perf_counter()
-    row = {**identity(point), **env.info(), "status": "ok"}
+    row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(), "status": "ok"}
     try:
         row.update(_measure(point))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row

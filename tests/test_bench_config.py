@@ -1,0 +1,88 @@
+"""Every shipped config composes and resolves; the config checks catch bad values."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from bench.config import BenchConfig, ConfigError, register, resolve
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+LAUNCHERS = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
+
+register()
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_shipped_experiments_and_launchers_exist():
+    assert set(EXPERIMENTS) >= {"default", "memory_vs_depth", "memory_vs_seq_len", "throughput"}
+    assert set(LAUNCHERS) >= {"isolated", "slurm"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_each_of_its_points_resolves(experiment):
+    cfg = _compose(f"experiment={experiment}")
+    assert cfg.name == experiment
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    assert "model" in params
+    # Each swept value resolves on this (CPU) machine, with the CPU size.
+    for key, values in params.items():
+        for value in str(values).split(","):
+            point = resolve(_without_hydra(_compose(f"experiment={experiment}", f"{key}={value}")))
+            assert point.size == "small" and point.device == "cpu" and point.probe == "tracked"
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_every_launcher_composes(launcher):
+    cfg = _compose(f"hydra/launcher={launcher}", "experiment=default")
+    target = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)["_target_"]
+    assert "submitit" in target
+    batch = cfg.hydra.sweeper.max_batch_size  # isolated: one point at a time
+    assert batch == (1 if launcher == "isolated" else None)
+
+
+def test_defaults_resolve_to_the_cpu_choices():
+    point = resolve(_without_hydra(_compose()))
+    assert (point.model, point.size, point.device, point.dtype, point.probe) == \
+        ("melt", "small", "cpu", "float32", "tracked")
+
+
+def _without_hydra(cfg):
+    """The config as the task function gets it."""
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _point(**kw) -> BenchConfig:
+    return resolve(BenchConfig(**{"size": "tiny", "seq_len": 32, "new_tokens": 4, **kw}))
+
+
+def test_resolve_reports_the_point_as_it_runs():
+    assert _point(model="standard", loops=8).loops == 1  # the standard model runs once
+    assert _point(scenario="prefill").new_tokens == 0
+    melt = _point(model="melt", cache_update="mean")
+    assert (melt.cache_update, melt.init_latent, melt.kv_sharing) == ("mean", "input", None)
+    # A model option is only passed to the models that have it (so sweeps across models work).
+    ouro = _point(model="ouro", cache_update="mean", kv_sharing="last_loop")
+    assert (ouro.cache_update, ouro.kv_sharing) == (None, "last_loop")
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(loops=0), "loops"), (dict(seq_len=2000), "seq_len"), (dict(model="gpt"), "model"),
+    (dict(size="huge"), "size"), (dict(scenario="train"), "scenario"), (dict(probe="x"), "probe"),
+    (dict(probe="cuda"), "probe"), (dict(device="cuda"), "device"), (dict(dtype="int8"), "dtype"),
+    (dict(batch=0), "batch"), (dict(cache_update="median"), "cache_update"),
+    (dict(model="ouro", exit_step=9), "exit_step"), (dict(mem_limit_mib=0), "mem_limit_mib"),
+])
+def test_bad_values_name_field_and_allowed(kw, field):
+    with pytest.raises(ConfigError) as e:
+        _point(**kw)
+    message = str(e.value)
+    assert message.startswith(f"{field}: ") and "; allowed: " in message and "\n" not in message

@@ -1,0 +1,79 @@
+"""Rows on disk -> table, report and plots, from synthetic rows (no model runs here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report import PLOTS, build, oom_frontier, plot_view, ratio_table
+from bench.results import COLUMNS, IDENTITY, RESULT_FILE, load_rows, write_row
+
+MIB = 2**20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(model, loops, seq_len, status="ok", **kw):
+    kv = (loops if model == "ouro" else 1) * seq_len * 1000
+    row = dict(model=model, size="small", loops=loops, seq_len=seq_len, batch=1, new_tokens=8,
+               scenario="generate", dtype="float32", device="cpu", probe="tracked", status=status,
+               gpu_name="CPU: test", torch_version="2.13.0", git_sha="abc",
+               timestamp="2026-01-01T00:00:00+00:00")
+    if status == "ok":
+        row.update(peak_bytes=10 * MIB + kv, kv_bytes_analytic=kv, weights_bytes=10 * MIB,
+                   decode_tokens_per_s=100.0 / loops)
+    return {**row, **kw}
+
+
+def _write_sweep(folder: Path):
+    rows = [_row("standard", 1, s) for s in (256, 1024)]
+    rows += [_row(m, n, s) for m in ("ouro", "melt") for n in (1, 2, 4) for s in (256, 1024)]
+    rows += [_row("ouro", 4, 4096, status="oom", error="OutOfMemoryError: out of memory")]
+    for i, row in enumerate(rows):
+        write_row(folder / "points" / str(i), row)
+    return rows
+
+
+def test_write_row_is_atomic_and_complete(tmp_path):
+    path = write_row(tmp_path / "p", _row("melt", 4, 256))
+    assert path.name == RESULT_FILE and [p.name for p in path.parent.iterdir()] == [RESULT_FILE]
+    assert list(json.loads(path.read_text())) == COLUMNS  # every column, missing ones as null
+
+
+def test_load_rows_keeps_the_newest_row_per_identity(tmp_path):
+    write_row(tmp_path / "a", _row("melt", 4, 256, peak_bytes=1))
+    write_row(tmp_path / "b", _row("melt", 4, 256, peak_bytes=2, timestamp="2026-02-01T00:00:00+00:00"))
+    df = load_rows(tmp_path)
+    assert len(df) == 1 and df.peak_bytes.iloc[0] == 2
+    assert not df.duplicated(IDENTITY).any()
+
+
+def test_build_writes_table_report_and_plots(tmp_path):
+    rows = _write_sweep(tmp_path)
+    df = build(tmp_path)
+    assert len(df) == len(rows)
+    for name in ("table.csv", "table.parquet", "report.md", *PLOTS):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert pd.read_parquet(tmp_path / "table.parquet").shape == pd.read_csv(tmp_path / "table.csv").shape
+    report = (tmp_path / "report.md").read_text()
+    assert "MELT / LoopLM peak memory" in report and "OOM frontier" in report
+    assert all(f"]({p})" in report for p in PLOTS)
+
+
+def test_summaries():
+    rows = [_row(m, n, 1024) for m in ("ouro", "melt") for n in (1, 4)]
+    rows += [_row("ouro", 4, 2048, status="oom"), _row("ouro", 4, 512)]
+    view = plot_view(pd.DataFrame(rows, columns=COLUMNS))
+    kv = ratio_table(view, "kv_bytes_analytic")
+    assert kv.loc[1024, 1] == 1.0 and kv.loc[1024, 4] == 0.25
+    frontier = oom_frontier(view)
+    assert frontier.loc[("LoopLM (Ouro)", 4)].tolist() == [1024, 2048]
+
+
+def test_report_command_rebuilds_elsewhere(tmp_path):
+    _write_sweep(tmp_path / "src")
+    out = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "src"), "--out",
+                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / PLOTS[0]).exists()
