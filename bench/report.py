@@ -69,8 +69,14 @@ def _panels(view: pd.DataFrame):
 
 
 def _figure(n: int):
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.6, 3.8), squeeze=False, sharey=True)
-    return fig, axes[0]
+    """n panels sharing the y axis, at most 3 a row; -> (figure, the n axes)."""
+    cols, rows = min(n, 3), -(-n // 3)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 0.6, 3.4 * rows + 0.6),
+                             squeeze=False, sharey=True)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
 
 
 def _save(fig, axes, path: Path, empty_note: str | None) -> None:
@@ -80,7 +86,7 @@ def _save(fig, axes, path: Path, empty_note: str | None) -> None:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                    frameon=False)
-    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -126,7 +132,8 @@ def plot_memory_vs_depth(view: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("loops")
         ax.set_title(f"seq_len {seq_len}" if seq_len else "")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("memory (MiB)")
+    for ax in axes[::3]:
+        ax.set_ylabel("memory (MiB)")
     _save(fig, axes, path, None if len(view) else "no results")
 
 
@@ -157,7 +164,8 @@ def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabe
         ax.set_xlabel("sequence length (tokens)")
         ax.set_title(f"loops {loops}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel)
+    for ax in axes[::3]:
+        ax.set_ylabel(ylabel)
     _save(fig, axes, path, None if drawn else f"no {column} results")
 
 
