@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 SCENARIOS = ("prefill", "decode", "generate")
-PROBES = ("auto", "cuda", "tracked")
+PROBES = ("auto", "cuda", "tracked", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -55,7 +55,7 @@ class BenchConfig:
     scenario: str = "generate"  # prefill | decode | generate
     new_tokens: int = 32  # decode steps (decode and generate)
     # How and where
-    probe: str = "auto"  # auto (cuda on a GPU, else tracked) | cuda | tracked
+    probe: str = "auto"  # auto (cuda on a GPU, else tracked) | cuda | tracked | fake (estimate)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16
     repeats: int = 3  # timed repeats; speed columns are medians over them
@@ -124,7 +124,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     device = "cuda" if cuda_wanted(c.device) else "cpu"
     if c.probe == "cuda" and device != "cuda":
         raise _bad("probe", f"cuda needs device=cuda (device is {device})",
-                          "auto | tracked")
+                          "auto | tracked | fake")
     if c.dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise _bad("dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}",
                           "auto | float32")

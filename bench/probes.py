@@ -8,7 +8,9 @@
         probe.nvml()                      # NVML columns (CUDA only)
 
 `cuda` reads the caching allocator's statistics; `tracked` counts the bytes of live tensors itself,
-on any device and deterministically (CI runs it on CPU). Both report integers, in bytes.
+on any device and deterministically (CI runs it on CPU); `fake` does the same over fake tensors, so
+a laptop estimates a full-size model at any length without the memory or the compute. All report
+integers, in bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -82,6 +85,7 @@ class LiveTensors(TorchDispatchMode):
 
 class TrackedProbe:
     name = "tracked"
+    timed = True  # whether the point's timings mean anything
 
     def __init__(self, limit_bytes: int | None = None):
         self.live = LiveTensors(limit_bytes)
@@ -105,8 +109,23 @@ class TrackedProbe:
         return {}
 
 
+class FakeProbe(TrackedProbe):
+    """`tracked` under FakeTensorMode: tensors have shapes, dtypes and storages of the right size
+    but no data, and ops only compute output shapes. Peak estimates of e.g. Ouro-1.4B at 32K tokens
+    take seconds to a minute on a CPU; there is nothing to time."""
+
+    name = "fake"
+    timed = False
+
+    @contextlib.contextmanager
+    def session(self):
+        with FakeTensorMode(), self.live:
+            yield self
+
+
 class CudaProbe:
     name = "cuda"
+    timed = True
 
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes
@@ -149,4 +168,4 @@ class CudaProbe:
 
 
 def make_probe(name: str, limit_bytes: int | None = None):
-    return {"cuda": CudaProbe, "tracked": TrackedProbe}[name](limit_bytes)
+    return {"cuda": CudaProbe, "tracked": TrackedProbe, "fake": FakeProbe}[name](limit_bytes)

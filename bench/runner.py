@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from . import env
 from .config import BenchConfig, resolve
-from .probes import make_probe
+from .probes import Phase, make_probe
 from .results import COLUMNS, find_measured, identity, write_row
 from .scenarios import Scenario
 
@@ -67,74 +67,81 @@ def measure(point: BenchConfig) -> dict:
 
 
 def _measure(p: BenchConfig) -> dict:
-    from models import build_model  # imported on use: configs compose without building anything
-
-    device = torch.device(p.device)
-    limit = None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20)
-    probe = make_probe(p.probe, limit)
-    decodes = p.scenario != "prefill"
+    probe = make_probe(p.probe, None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20))
     torch.manual_seed(p.seed)
     with torch.inference_mode():
-        # Memory pass: build, warm up (first calls allocate library workspaces), then one
-        # prefill and one decode, each under its own peak.
-        with probe.session():
-            model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
-                                device=device, **p.model_options())
-            baseline = probe.current_bytes()
-            prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=device)
-            run = Scenario(model, prompt, p.new_tokens)
-            for _ in range(p.warmup):
-                run.new_cache()
-                logits, _ = run.prefill()
-                if decodes:
-                    run.decode(logits)
-            run.cache = None
-            before = probe.current_bytes()
-            run.new_cache()
-            kv_measured = probe.current_bytes() - before
-            with probe.phase() as pre:
-                logits, _ = run.prefill()
-            if decodes:
-                with probe.phase() as dec:
-                    run.decode(logits)
-            nvml = probe.nvml()
+        run, row = _memory_pass(p, probe)
+        if probe.timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
+            row.update(_timing_pass(p, run))
+    return row
 
-        # Timing pass, outside the probe (the tracked probe's bookkeeping would slow it down).
-        prefill_s, decode_s, step_s = [], [], []
-        for _ in range(p.repeats):
-            run.new_cache()
-            logits, seconds = run.prefill()
-            prefill_s.append(seconds)
-            if decodes:
-                steps = run.decode(logits)
-                decode_s.append(sum(steps))
-                step_s += steps
 
-    phases = [pre] if p.scenario == "prefill" else [dec] if p.scenario == "decode" else [pre, dec]
-    row = {
+def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
+    """Build the model, warm up (first calls allocate library workspaces), then one prefill and
+    one decode, each under its own peak. -> (the scenario, for timing; the memory columns)."""
+    from models import build_model  # imported on use: configs compose without building anything
+
+    decodes = p.scenario != "prefill"
+    with probe.session():
+        model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
+                            device=p.device, **p.model_options())
+        baseline = probe.current_bytes()
+        prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
+        run = Scenario(model, prompt, p.new_tokens)
+        for _ in range(p.warmup if probe.timed else 0):
+            run.new_cache()
+            logits, _ = run.prefill()
+            if decodes:
+                run.decode(logits)
+        run.cache = None
+        before = probe.current_bytes()
+        run.new_cache()
+        kv_measured = probe.current_bytes() - before
+        dec = Phase()  # stays empty for a prefill-only point
+        with probe.phase() as pre:
+            logits, _ = run.prefill()
+        if decodes:
+            with probe.phase() as dec:
+                run.decode(logits)
+        nvml = probe.nvml()
+    phases = [ph for ph, used in ((pre, p.scenario != "decode"), (dec, decodes)) if used]
+    return run, {
         "weights_bytes": model.weights_bytes(),
         "baseline_bytes": baseline,
         "kv_bytes_analytic": model.kv_cache_bytes(p.batch, p.seq_len + p.new_tokens),
         "kv_bytes_measured": kv_measured,
         "kv_bytes_per_token": model.kv_bytes_per_token(),
         "peak_prefill_bytes": pre.peak_bytes,
-        "peak_decode_bytes": dec.peak_bytes if decodes else None,
+        "peak_decode_bytes": dec.peak_bytes,
         "peak_bytes": max(ph.peak_bytes for ph in phases),
         "reserved_bytes": max((ph.reserved_bytes for ph in phases if ph.reserved_bytes), default=None),
-        "prefill_tokens_per_s": p.batch * p.seq_len / float(np.median(prefill_s)),
         **nvml,
     }
-    if decodes:
+
+
+def _timing_pass(p: BenchConfig, run: Scenario) -> dict:
+    """`repeats` full runs of the scenario, each from a fresh cache -> the speed columns."""
+    prefill_s, decode_s, step_s = [], [], []
+    for _ in range(p.repeats):
+        run.new_cache()
+        logits, seconds = run.prefill()
+        prefill_s.append(seconds)
+        if p.scenario != "prefill":
+            steps = run.decode(logits)
+            decode_s.append(sum(steps))
+            step_s += steps
+    speed = {"prefill_tokens_per_s": p.batch * p.seq_len / float(np.median(prefill_s))}
+    if decode_s:
         steps_per_s = p.new_tokens / float(np.median(decode_s))
-        peak_bw = env.peak_bandwidth_bytes_per_s() if device.type == "cuda" else None
-        row.update(
+        peak_bw = env.peak_bandwidth_bytes_per_s() if p.device == "cuda" else None
+        speed.update(
             decode_tokens_per_s=p.batch * steps_per_s,
             token_latency_ms_p50=float(np.percentile(step_s, 50)) * 1e3,
             token_latency_ms_p90=float(np.percentile(step_s, 90)) * 1e3,
-            bandwidth_utilization=(decode_bytes_per_step(model, p) * steps_per_s / peak_bw
+            bandwidth_utilization=(decode_bytes_per_step(run.model, p) * steps_per_s / peak_bw
                                    if peak_bw else None),
         )
-    return row
+    return speed
 
 
 def decode_bytes_per_step(model, p: BenchConfig) -> float:

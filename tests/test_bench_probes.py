@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.probes import CudaProbe, TrackedProbe
+from bench.probes import CudaProbe, FakeProbe, TrackedProbe
 
 MIB = 2**20
 
@@ -74,3 +74,15 @@ def test_cuda_probe_peak_and_reset():
             assert nvml["nvml_used_bytes"] >= torch.cuda.memory_reserved()
             assert nvml["nvml_scope"] in ("process", "device")
         del a
+
+
+def test_fake_counts_without_allocating():
+    probe = FakeProbe()
+    with probe.session():
+        huge = torch.empty(64 * 2**30, dtype=torch.uint8)  # 64 GiB: only its shape exists
+        with probe.phase() as phase:
+            doubled = huge.to(torch.bfloat16)  # +128 GiB
+            del doubled
+        assert within_1_percent(phase.peak_bytes, 192 * 2**30)
+        assert within_1_percent(probe.current_bytes(), 64 * 2**30)
+        del huge

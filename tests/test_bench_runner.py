@@ -44,3 +44,14 @@ def test_other_failures_give_an_error_row(monkeypatch):
     monkeypatch.setattr(models, "build_model", broken)
     row = measure(_point(model="melt"))
     assert row["status"] == "error" and row["error"] == "ValueError: broken on purpose"
+
+
+@pytest.mark.parametrize("model", ["standard", "ouro", "melt"])
+def test_fake_probe_estimates_what_tracked_measures(model):
+    tracked = measure(_point(model=model, loops=2, probe="tracked"))
+    fake = measure(_point(model=model, loops=2, probe="fake"))
+    assert fake["status"] == "ok", fake["error"]
+    for column in ("peak_bytes", "peak_prefill_bytes", "peak_decode_bytes", "kv_bytes_measured",
+                   "baseline_bytes"):
+        assert abs(fake[column] - tracked[column]) <= 0.01 * tracked[column], column
+    assert fake["decode_tokens_per_s"] is None  # nothing ran, nothing is timed
