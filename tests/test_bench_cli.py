@@ -108,3 +108,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_bench, args, fie
     assert lines[0].startswith(f"run_bench.py: error: {field}") and "allowed: " in lines[0]
     assert "Traceback" not in run.stdout + run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_isolated_launcher_runs_each_point_in_its_own_process(tmp_path, run_bench):
+    run = run_bench("-m", "hydra/launcher=isolated", "model=ouro,melt", "loops=2", "seq_len=32",
+                    *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(p.read_text()) for p in tmp_path.rglob("result.json")]
+    assert sorted(r["model"] for r in rows if r["status"] == "ok") == ["melt", "ouro"]
+    assert len(list(tmp_path.glob(".submitit/*"))) >= 2  # one submitit job per point
+    assert (tmp_path / "table.csv").exists()
