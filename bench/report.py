@@ -223,7 +223,9 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
                       ratios.to_markdown(floatfmt=".3f"), ""]
     frontier = oom_frontier(view)
     if not frontier.empty:
-        lines += ["## OOM frontier", "", frontier.to_markdown(), ""]
+        lines += ["## OOM frontier (longest sequence that fit, shortest that did not)", "",
+                  frontier.reset_index().rename(columns={"series": "model"})
+                  .to_markdown(index=False), ""]
     lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
     table = df[["model", "loops", "seq_len", "batch", "scenario", "status"]].copy()
     for name, (column, unit) in TABLE_COLUMNS.items():
