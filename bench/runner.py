@@ -53,9 +53,11 @@ def measure(point: BenchConfig) -> dict:
     try:
         row.update(_measure(point))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+        message = str(e).strip()
+        oom = isinstance(e, torch.OutOfMemoryError) or (
+            isinstance(e, RuntimeError) and "out of memory" in message)  # e.g. from a library
         row.update(status="oom" if oom else "error",
-                   error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+                   error=f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
     # The exception (and the frames holding model and cache) is gone here: give the memory back
     # before the next point, which may run in this same process.
     gc.collect()

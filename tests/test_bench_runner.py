@@ -55,3 +55,12 @@ def test_fake_probe_estimates_what_tracked_measures(model):
                    "baseline_bytes"):
         assert abs(fake[column] - tracked[column]) <= 0.01 * tracked[column], column
     assert fake["decode_tokens_per_s"] is None  # nothing ran, nothing is timed
+
+
+def test_a_runtime_error_saying_out_of_memory_is_an_oom(monkeypatch):
+    def cublas_failure(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory\nmore lines")
+
+    monkeypatch.setattr(models, "build_model", cublas_failure)
+    row = measure(_point(model="ouro"))
+    assert row["status"] == "oom" and row["error"] == "RuntimeError: CUDA error: out of memory"
