@@ -74,6 +74,8 @@ def _one_line(e: Exception) -> str:
     if missing:  # an unknown option of a config group (experiment=, hydra/launcher=)
         group, value = missing.groups()
         return f"{group}: unknown value {value!r}; allowed: {' | '.join(cause.options or [])}"
+    if first.startswith("Ambiguous value"):  # a sweep without -m
+        return f"{first}; allowed: one value per setting, or -m to sweep"
     if "Error parsing override" in first:
         return f"{first}; allowed: key=value overrides, e.g. loops=4 or, with -m, loops=1,2,4"
     return first

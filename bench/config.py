@@ -103,6 +103,11 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     Raises ConfigError on the first bad value; allocates nothing."""
     from models import SIZES, MODEL_NAMES, make_config  # the models package, imported on use
 
+    if isinstance(cfg, DictConfig):
+        unknown = sorted(set(cfg) - set(BenchConfig.__dataclass_fields__))  # e.g. from +key=value
+        if unknown:
+            raise _bad(unknown[0], "not a setting of run_bench.py",
+                       ", ".join(BenchConfig.__dataclass_fields__))
     c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     _choice("model", c.model, MODEL_NAMES)
     _choice("size", c.size, tuple(SIZES))

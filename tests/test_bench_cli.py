@@ -91,6 +91,8 @@ BAD = [
     (["dtype=int8"], "dtype"),
     (["cache_update=median"], "cache_update"),
     (["colour=red"], "colour"),
+    (["+colour=red"], "colour"),
+    (["loops=1,2"], "Ambiguous value"),  # a sweep without -m
     (["experiment=nope"], "experiment"),
     (["-m", "loops=1,0"], "loops"),  # one bad point stops the whole sweep before it starts
 ]
