@@ -122,17 +122,14 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     if c.mem_limit_mib is not None and c.mem_limit_mib <= 0:
         raise _bad("mem_limit_mib", f"got {c.mem_limit_mib}", "a positive number of MiB")
 
-    gpu = torch.cuda.is_available()
-    if c.device == "cuda" and not gpu:
-        raise _bad("device", "cuda asked for, but this machine has no CUDA GPU",
-                          "auto | cpu")
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise _bad("device", "cuda asked for, but this machine has no CUDA GPU", "auto | cpu")
     device = "cuda" if cuda_wanted(c.device) else "cpu"
     if c.probe == "cuda" and device != "cuda":
-        raise _bad("probe", f"cuda needs device=cuda (device is {device})",
-                          "auto | tracked | fake")
+        raise _bad("probe", f"cuda needs device=cuda (device is {device})", "auto | tracked | fake")
     if c.dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise _bad("dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}",
-                          "auto | float32")
+                   "auto | float32")
     dtype = c.dtype if c.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     probe = c.probe if c.probe != "auto" else ("cuda" if device == "cuda" else "tracked")
 
@@ -145,8 +142,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
         limit = model_cfg.max_position_embeddings
         what = "seq_len" if c.scenario == "prefill" else "seq_len + new_tokens"
         raise _bad("seq_len", f"{what} = {needed} is past size {c.size}'s "
-                          f"max_position_embeddings {limit}",
-                          f"seq_len <= {limit - needed + c.seq_len}")
+                   f"max_position_embeddings {limit}", f"seq_len <= {limit - needed + c.seq_len}")
     # The point as it will run: `standard` runs once whatever loops asks, a prefill decodes nothing,
     # and the options show the model's values (empty for options the model does not have).
     options = {k: getattr(model_cfg, k) if c.model in models else None
