@@ -50,7 +50,7 @@ def test_sweep_numbers_are_consistent(sweep):
     assert (ouro.kv_bytes_measured == ouro.index * standard.kv_bytes_measured).all()
     assert (melt.kv_bytes_measured == standard.kv_bytes_measured).all()
     assert (ouro.kv_bytes_measured == ouro.kv_bytes_analytic).all()
-    # MELT's peak is flat in loops (beyond the first loop, which skips the gate's history);
+    # MELT's peak is flat in loops from 2 on (with one loop h = u: no gate, no latents kept);
     # the LoopLM's grows by at least its extra KV.
     looped = melt.peak_bytes.loc[[2, 4, 8]]
     assert looped.max() - looped.min() <= 0.01 * looped.max()
