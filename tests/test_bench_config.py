@@ -86,3 +86,16 @@ def test_bad_values_name_field_and_allowed(kw, field):
         _point(**kw)
     message = str(e.value)
     assert message.startswith(f"{field}: ") and "; allowed: " in message and "\n" not in message
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_gpu_choices_of_every_experiment_fit_ouro_1_4b(experiment):
+    """What a GPU machine would run (checked here without one): Ouro-1.4B sizes and lengths that
+    the model's positions allow."""
+    from models import make_config
+
+    cfg = _compose(f"experiment={experiment}", "device=cuda")
+    assert cfg.size == "ouro-1.4b"
+    limit = make_config("ouro", size=cfg.size).max_position_embeddings
+    seq_lens = [int(v) for v in str(cfg.hydra.sweeper.params.get("seq_len", cfg.seq_len)).split(",")]
+    assert max(seq_lens) + cfg.new_tokens <= limit
