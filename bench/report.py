@@ -18,8 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .config import MODEL_OPTIONS  # noqa: E402
-from .results import load_rows  # noqa: E402
+from .results import IDENTITY, load_rows  # noqa: E402
 
 MIB = 2**20
 MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT"}
@@ -51,11 +50,13 @@ def plot_view(df: pd.DataFrame) -> pd.DataFrame:
         return df.assign(series=pd.Series(dtype=str))
     scenario = next(s for s in ("generate", "decode", "prefill") if (df.scenario == s).any())
     view = df[(df.scenario == scenario) & (df.batch == df.batch.min())].copy()
-    # Options that vary within a model (e.g. cache_update) split it into several lines.
-    varying = [k for k in MODEL_OPTIONS if view.groupby("model")[k].nunique(dropna=False).max() > 1]
+    # Settings that vary within a model (cache_update, size, dtype...) split it into several lines.
+    settings = [k for k in IDENTITY if k not in ("model", "loops", "seq_len", "batch", "scenario")]
+    varying = {model: [k for k in settings if rows[k].nunique(dropna=False) > 1]
+               for model, rows in view.groupby("model")}
     view["series"] = view.apply(
         lambda r: " ".join([MODEL_LABELS.get(r.model, r.model)]
-                           + [f"{k}={r[k]}" for k in varying if pd.notna(r[k])]), axis=1)
+                           + [f"{k}={r[k]}" for k in varying[r.model]]), axis=1)
     return view
 
 

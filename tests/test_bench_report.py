@@ -77,3 +77,11 @@ def test_report_command_rebuilds_elsewhere(tmp_path):
                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / PLOTS[0]).exists()
+
+
+def test_settings_that_vary_within_a_model_split_its_line():
+    rows = [_row("melt", 4, 1024, cache_update=u) for u in ("gated", "mean")]
+    rows += [_row("ouro", 4, 1024, dtype=d) for d in ("float32", "bfloat16")]
+    view = plot_view(pd.DataFrame(rows, columns=COLUMNS))
+    assert sorted(view.series) == ["LoopLM (Ouro) dtype=bfloat16", "LoopLM (Ouro) dtype=float32",
+                                   "MELT cache_update=gated", "MELT cache_update=mean"]
