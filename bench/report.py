@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .results import IDENTITY, load_rows  # noqa: E402
+from .results import IDENTITY, RESULT_FILE, TABLE_FILE, load_rows  # noqa: E402
 
 MIB = 2**20
 MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT"}
@@ -28,11 +28,13 @@ PLOTS = ("memory_vs_depth.png", "memory_vs_seq_len.png", "throughput.png")
 
 def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
     """Gather every result row under `src` and write the table, plots and report to `out`."""
+    df = load_rows(src)
+    if df.empty:  # never overwrite a table with an empty one
+        raise FileNotFoundError(f"no result rows under {src}: no {RESULT_FILE} and no {TABLE_FILE}")
     out = Path(out or src)
     out.mkdir(parents=True, exist_ok=True)
-    df = load_rows(src)
     df.to_csv(out / "table.csv", index=False)
-    df.to_parquet(out / "table.parquet", index=False)
+    df.to_parquet(out / TABLE_FILE, index=False)
     view = plot_view(df)
     plot_memory_vs_depth(view, out / PLOTS[0])
     plot_memory_vs_seq_len(view, out / PLOTS[1])
@@ -92,9 +94,10 @@ def _save(fig, axes, path: Path, empty_note: str | None) -> None:
     plt.close(fig)
 
 
-def _log2_axis(ax, values) -> None:
-    """Log-2 x axis ticked at the measured values, written as plain numbers."""
-    ax.set_xscale("log", base=2)
+def _ticked_axis(ax, values, log2: bool = True) -> None:
+    """x axis ticked at the measured values, written as plain numbers; log-2 unless told."""
+    if log2:
+        ax.set_xscale("log", base=2)
     ticks = sorted(set(values))
     if ticks:
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -129,7 +132,7 @@ def plot_memory_vs_depth(view: pd.DataFrame, path: Path) -> None:
             ax.plot(ok.loops, ok.kv_bytes_analytic / MIB, "--", color=color, lw=1,
                     label=f"{series} KV (analytic)")
             _mark_oom(ax, s, "loops", color)
-        _log2_axis(ax, rows.loops)
+        _ticked_axis(ax, rows.loops, log2=False)  # linear: growth in loops shows as a line
         ax.set_xlabel("loops")
         ax.set_title(f"seq_len {seq_len}" if seq_len else "")
         ax.grid(alpha=0.3)
@@ -161,7 +164,7 @@ def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabe
             ax.plot(ok.seq_len, ok[column] / unit, "o" + style, color=color, label=series)
             _mark_oom(ax, s, "seq_len", color)
             drawn |= len(ok) > 0
-        _log2_axis(ax, rows.seq_len)
+        _ticked_axis(ax, rows.seq_len)
         ax.set_xlabel("sequence length (tokens)")
         ax.set_title(f"loops {loops}")
         ax.grid(alpha=0.3)
@@ -204,8 +207,6 @@ TABLE_COLUMNS = {  # report column -> (table column, divisor)
 
 def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
     lines = [f"# meltbench: {title}", ""]
-    if df.empty:
-        return "\n".join(lines + ["No results yet.", ""])
     first = df.iloc[0]
     counts = ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items())
     lines += [
@@ -241,10 +242,14 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="folder holding result.json files (searched recursively)")
+    parser.add_argument("src", help="folder holding result.json files (searched recursively), or a "
+                        "folder with a gathered table.parquet")
     parser.add_argument("--out", help="where to write (default: src)")
     args = parser.parse_args(argv)
-    df = build(args.src, args.out)
+    try:
+        df = build(args.src, args.out)
+    except FileNotFoundError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"{len(df)} rows -> {args.out or args.src}")
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from .config import MODEL_OPTIONS, BenchConfig
 
 RESULT_FILE = "result.json"
+TABLE_FILE = "table.parquet"
 
 # A point is identified by these; a sweep skips a point whose identity already has a result.
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
@@ -49,8 +50,11 @@ def write_row(folder: Path, row: dict) -> Path:
 
 
 def load_rows(folder: Path | str) -> pd.DataFrame:
-    """Every result row under `folder` (any depth), one per identity: the newest wins."""
+    """Every result row under `folder` (any depth), one per identity: the newest wins. A folder
+    with no result.json but a gathered table.parquet (a committed reference run) reads that."""
     rows = [json.loads(p.read_text()) for p in sorted(Path(folder).rglob(RESULT_FILE))]
+    if not rows and (Path(folder) / TABLE_FILE).exists():
+        rows = pd.read_parquet(Path(folder) / TABLE_FILE).to_dict("records")
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df

@@ -85,3 +85,21 @@ def test_settings_that_vary_within_a_model_split_its_line():
     view = plot_view(pd.DataFrame(rows, columns=COLUMNS))
     assert sorted(view.series) == ["LoopLM (Ouro) dtype=bfloat16", "LoopLM (Ouro) dtype=float32",
                                    "MELT cache_update=gated", "MELT cache_update=mean"]
+
+
+def test_rebuild_from_a_gathered_table_keeps_it(tmp_path):
+    """A committed reference folder holds table.parquet but no result.json files: a rebuild reads
+    the table instead of overwriting it with an empty one."""
+    _write_sweep(tmp_path / "sweep")
+    first = build(tmp_path / "sweep", tmp_path / "reference")
+    again = build(tmp_path / "reference")
+    pd.testing.assert_frame_equal(again, first)
+
+
+def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"python -m bench.report: error: no result rows under {tmp_path}: no result.json and no table.parquet"]
+    assert list(tmp_path.iterdir()) == []
