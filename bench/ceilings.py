@@ -205,9 +205,9 @@ def check(df: pd.DataFrame, rules: list[Rule]) -> list[Check]:
         ok = rows[rows.status == "ok"]
         bad = rows[rows.status != "ok"]
         if not bad.empty:
+            counts = ", ".join(f"{n} {s}" for s, n in bad.status.value_counts(dropna=False).items())
             checks.append(Check(
-                rule.label, "status", len(rows),
-                ", ".join(f"{n} {s}" for s, n in bad.status.value_counts(dropna=False).items()), "ok", False,
+                rule.label, "status", len(rows), counts, "ok", False,
                 [f"{name(r)}: status {r['status']}"
                  + (f" ({r['error']})" if _present(r.get("error")) else "")
                  for r in bad.to_dict("records")]))

@@ -104,7 +104,8 @@ def test_oom_or_error_row_fails_the_rule(tmp_path, status):
 
 
 def test_rule_matching_no_row_is_an_error(tmp_path):
-    with pytest.raises(CeilingError, match=r"ceilings.yaml#1: where \"model == 'mlet'\" matches no row"):
+    match = r"ceilings.yaml#1: where \"model == 'mlet'\" matches no row"
+    with pytest.raises(CeilingError, match=match):
         _run(tmp_path, _sweep(tmp_path), "- where: \"model == 'mlet'\"\n  peak_bytes: 50\n")
 
 
@@ -155,7 +156,8 @@ def test_exit_codes_from_the_command_line(tmp_path):
     failed = run(results, _ceilings(tmp_path, RULES.replace("peak_bytes: 50", "peak_bytes: 41"),
                                     "tight.yaml"))
     assert failed.returncode == 1 and "FAIL" in failed.stdout
-    bad = run(results, _ceilings(tmp_path, "- where: \"model == 'x'\"\n  peak_bytes: 1\n", "x.yaml"))
+    typo = _ceilings(tmp_path, "- where: \"model == 'x'\"\n  peak_bytes: 1\n", "x.yaml")
+    bad = run(results, typo)
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
 
 
