@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: bench test install clean
+.PHONY: bench test ceilings install clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 
 bench: install
 	$(PY) run_bench.py -m experiment=default
+
+# After `make bench`: fail if the default sweep broke a memory ceiling (CPU, size small).
+ceilings: install
+	$(PY) -m bench.ceilings results/default conf/ceilings/cpu_small.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -2,8 +2,8 @@
 
     python -m bench.ceilings RESULTS [CEILINGS_YAML ...]
 
-RESULTS is a results folder (its result.json rows, or else its table.parquet / table.csv) or a
-table file (.csv or .parquet). Without CEILINGS_YAML, conf/ceilings/cpu_small.yaml is used.
+RESULTS is a results folder (its result.json rows, or else its table.parquet) or a table
+file (.csv or .parquet). Without CEILINGS_YAML, conf/ceilings/cpu_small.yaml is used.
 Prints one line per check; exits 0 when all pass, 1 when any fails, 2 on bad input (one line).
 
 A ceilings file is a YAML list of rules (README.md, "Memory ceilings in CI"):
@@ -71,18 +71,13 @@ class Check:
 # -- input ----------------------------------------------------------------------------------
 
 def load_results(path: Path | str) -> pd.DataFrame:
-    """The rows of a results folder (result.json rows below it, else its table.parquet or
-    table.csv) or of a table file."""
+    """The rows of a results folder (result.json rows below it, else its table.parquet) or of a
+    table file."""
     path = Path(path)
     if path.is_dir():
-        if next(path.rglob(RESULT_FILE), None) is not None:
-            df = load_rows(path)
-        elif (path / "table.parquet").is_file():
-            df = pd.read_parquet(path / "table.parquet")
-        elif (path / "table.csv").is_file():
-            df = pd.read_csv(path / "table.csv")
-        else:
-            raise CeilingError(f"{path}: no {RESULT_FILE}, table.parquet or table.csv in it")
+        df = load_rows(path)  # result.json rows below it, else its gathered table.parquet
+        if df.empty:
+            raise CeilingError(f"{path}: no {RESULT_FILE} or table.parquet in it")
     elif path.suffix == ".csv" and path.is_file():
         df = pd.read_csv(path)
     elif path.suffix == ".parquet" and path.is_file():
