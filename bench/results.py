@@ -15,9 +15,10 @@ from .config import MODEL_OPTIONS, BenchConfig
 RESULT_FILE = "result.json"
 TABLE_FILE = "table.parquet"
 
-# A point is identified by these; a sweep skips a point whose identity already has a result.
+# A point is identified by these; a sweep skips a point whose identity already has a result
+# measured by the same code (git_sha, see find_measured and same_code).
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
-            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib"]
+            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib", "seed"]
 STATUS = ["status", "error"]
 MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
@@ -62,11 +63,18 @@ def load_rows(folder: Path | str) -> pd.DataFrame:
     return df.sort_values(["model", "seq_len", "loops", "batch", "scenario"]).reset_index(drop=True)
 
 
-def find_measured(folder: Path | str, ident: dict) -> dict | None:
-    """A row under `folder` with this identity that need not be measured again (ok or oom; an
-    error is retried)."""
-    for p in Path(folder).rglob(RESULT_FILE):
-        row = json.loads(p.read_text())
-        if row.get("status") in ("ok", "oom") and all(row.get(k) == v for k, v in ident.items()):
-            return row
-    return None
+def find_measured(folder: Path | str, ident: dict, git_sha: str | None = None) -> dict | None:
+    """A row under `folder` with this identity and status ok or oom (an error is retried), or None.
+    Of several, one measured by the code version `git_sha` (see same_code) if there is one, else the
+    newest: the caller measures again when same_code(row["git_sha"], git_sha) is false."""
+    rows = [row for row in (json.loads(p.read_text()) for p in Path(folder).rglob(RESULT_FILE))
+            if row.get("status") in ("ok", "oom") and all(row.get(k) == v for k, v in ident.items())]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (same_code(r.get("git_sha"), git_sha), r.get("timestamp") or ""))
+
+
+def same_code(row_sha: str | None, current_sha: str | None) -> bool:
+    """Whether a row measured at `row_sha` counts as measured by the current code. An unknown
+    version on either side (git missing, a row from elsewhere) matches."""
+    return row_sha is None or current_sha is None or row_sha == current_sha

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from . import env
 from .config import BenchConfig, resolve
 from .probes import Phase, make_probe
-from .results import COLUMNS, find_measured, identity, write_row
+from .results import COLUMNS, find_measured, identity, same_code, write_row
 from .scenarios import Scenario
 
 log = logging.getLogger("bench")
@@ -29,19 +29,24 @@ POINTS_ENV, START_ENV = "MELTBENCH_POINTS", "MELTBENCH_START"
 def run(cfg: DictConfig) -> dict:
     """Run the point `cfg` inside a Hydra job and return its row (also written as result.json in
     the job's folder). In a multirun, a point whose identity already has a row under the sweep
-    folder is skipped and that row returned."""
+    folder, measured by this code version (git_sha), is skipped and that row returned; a row from
+    another version is measured again."""
     point = resolve(cfg)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     job_num = hc.job.num if multirun else 0
+    again = ""
     if multirun:
-        done = find_measured(hc.sweep.dir, identity(point))
-        if done is not None:
+        sha = env.info()["git_sha"]
+        done = find_measured(hc.sweep.dir, identity(point), sha)
+        if done is not None and same_code(done.get("git_sha"), sha):
             _progress(job_num, done, "already measured, skipped")
             return done
+        if done is not None:
+            again = f" (measured again: the row was from git {done['git_sha']}, this is {sha})"
     row = measure(point)
     write_row(Path(hc.runtime.output_dir), row)
-    _progress(job_num, row, row["status"])
+    _progress(job_num, row, row["status"] + again)
     return row
 
 

@@ -1,10 +1,15 @@
-"""One point measured in-process on the tiny models: ok, oom and error rows."""
+"""One point measured in-process on the tiny models: ok, oom and error rows; resuming a sweep."""
+
+import logging
+from types import SimpleNamespace
 
 import models
 import pytest
+from hydra.types import RunMode
 
+from bench import env, runner
 from bench.config import BenchConfig, resolve
-from bench.results import COLUMNS
+from bench.results import COLUMNS, RESULT_FILE, identity, write_row
 from bench.runner import measure
 
 
@@ -64,3 +69,67 @@ def test_a_runtime_error_saying_out_of_memory_is_an_oom(monkeypatch):
     monkeypatch.setattr(models, "build_model", cublas_failure)
     row = measure(_point(model="ouro"))
     assert row["status"] == "oom" and row["error"] == "RuntimeError: CUDA error: out of memory"
+
+
+# -- resuming a sweep: which rows count as measured ---------------------------------------------
+
+@pytest.fixture
+def sweep_job(tmp_path, monkeypatch, caplog):
+    """runner.run as a multirun job over tmp_path, with a stand-in for measure() and the git
+    version `sha`; -> run(cfg, sha) giving (returned row, progress line, whether it measured)."""
+    measured = []
+
+    def fake_measure(point):
+        measured.append(point)
+        return {**dict.fromkeys(COLUMNS), **identity(point), "status": "ok", "peak_bytes": 2**20,
+                "git_sha": env.info()["git_sha"], "timestamp": "2026-02-01T00:00:00+00:00"}
+
+    monkeypatch.setattr(runner, "measure", fake_measure)
+
+    def run(cfg, sha):
+        monkeypatch.setattr(env, "info", lambda: {"git_sha": sha})
+        out = tmp_path / "points" / f"seed={cfg.seed}"
+        monkeypatch.setattr(runner.HydraConfig, "get", staticmethod(lambda: SimpleNamespace(
+            mode=RunMode.MULTIRUN, job=SimpleNamespace(num=0), sweep=SimpleNamespace(dir=str(tmp_path)),
+            runtime=SimpleNamespace(output_dir=str(out)))))
+        n, caplog.records[:] = len(measured), []
+        with caplog.at_level(logging.INFO, logger="bench"):
+            row = runner.run(cfg)
+        return row, caplog.records[-1].getMessage(), len(measured) > n
+
+    return run
+
+
+def _measured_row(cfg, folder, **kw):
+    return write_row(folder, {**identity(resolve(cfg)), "status": "ok", "peak_bytes": 1,
+                              "timestamp": "2026-01-01T00:00:00+00:00", **kw})
+
+
+def test_resume_skips_a_row_of_the_same_identity_and_code(tmp_path, sweep_job):
+    cfg = BenchConfig(size="tiny", model="melt", seq_len=48)
+    path = _measured_row(cfg, tmp_path / "points" / "seed=0", git_sha="abc")
+    before = path.read_text()
+    row, line, measured = sweep_job(cfg, "abc")
+    assert not measured and row["peak_bytes"] == 1 and "already measured, skipped" in line
+    assert path.read_text() == before
+    # An unknown version on either side counts as the same code.
+    assert not sweep_job(cfg, None)[2]
+    _measured_row(cfg, tmp_path / "points" / "seed=0", git_sha=None)
+    assert not sweep_job(cfg, "def")[2]
+
+
+def test_resume_measures_another_seed(tmp_path, sweep_job):
+    _measured_row(BenchConfig(size="tiny", seq_len=48, seed=0), tmp_path / "points" / "seed=0", git_sha="abc")
+    row, line, measured = sweep_job(BenchConfig(size="tiny", seq_len=48, seed=1), "abc")
+    assert measured and row["seed"] == 1 and "skipped" not in line
+    assert (tmp_path / "points" / "seed=1" / RESULT_FILE).exists()
+
+
+def test_resume_measures_a_row_from_other_code_again(tmp_path, sweep_job):
+    cfg = BenchConfig(size="tiny", seq_len=48)
+    path = _measured_row(cfg, tmp_path / "points" / "seed=0", git_sha="abc")
+    row, line, measured = sweep_job(cfg, "def")
+    assert measured and row["git_sha"] == "def"
+    assert "measured again: the row was from git abc, this is def" in line
+    assert '"git_sha": "def"' in path.read_text()  # the stale row is replaced
+    assert not sweep_job(cfg, "def")[2]  # and now counts as measured
