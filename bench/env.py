@@ -45,6 +45,15 @@ def _cpu_model() -> str | None:
     return None
 
 
+def pynvml_error() -> type[Exception]:
+    """pynvml.NVMLError, the base of every NVML failure; ImportError stands in without pynvml."""
+    try:
+        import pynvml
+    except ImportError:
+        return ImportError
+    return pynvml.NVMLError
+
+
 @functools.cache
 def _nvml_handle():
     """NVML's handle for the current CUDA device (matched by UUID, so CUDA_VISIBLE_DEVICES and
@@ -61,16 +70,21 @@ def _nvml_handle():
 
 def nvml_used_bytes() -> tuple[int | None, str | None]:
     """(bytes, "process") for this process, or (bytes, "device") for the whole GPU when NVML
-    does not list our pid (a container's pid namespace), or (None, None) without NVML."""
+    does not list our pid (a container's pid namespace), or (None, None) without NVML or when a
+    query fails (unsupported in some containers, a driver older than nvidia-ml-py): the NVML
+    columns stay empty and the point keeps its other numbers."""
     handle = _nvml_handle()
     if handle is None:
         return None, None
-    import pynvml
+    try:
+        import pynvml
 
-    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        if proc.pid == os.getpid() and proc.usedGpuMemory:
-            return int(proc.usedGpuMemory), "process"
-    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), "device"
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory), "process"
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), "device"
+    except (ImportError, pynvml_error()):
+        return None, None
 
 
 @functools.cache
@@ -80,11 +94,11 @@ def peak_bandwidth_bytes_per_s() -> float | None:
     handle = _nvml_handle() if torch.cuda.is_available() else None
     if handle is None:
         return None
-    import pynvml
-
     try:
+        import pynvml
+
         mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
         bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
-    except pynvml.NVMLError:
+    except (ImportError, pynvml_error()):
         return None
     return 2 * mhz * 1e6 * bus_bits / 8

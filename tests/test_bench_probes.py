@@ -86,3 +86,29 @@ def test_fake_counts_without_allocating():
         assert within_1_percent(phase.peak_bytes, 192 * 2**30)
         assert within_1_percent(probe.current_bytes(), 64 * 2**30)
         del huge
+
+
+@pytest.mark.parametrize("failing", ["nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetMemoryInfo",
+                                     "nvmlDeviceGetMaxClockInfo", "nvmlDeviceGetMemoryBusWidth"])
+def test_an_nvml_failure_leaves_the_nvml_columns_empty(monkeypatch, failing):
+    """NVML queries unsupported in a container, or a driver older than nvidia-ml-py: the point keeps
+    its memory numbers and the NVML columns (and bandwidth utilisation) stay empty."""
+    pynvml = pytest.importorskip("pynvml")
+    from bench import env
+
+    def fail(*args, **kwargs):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(env, "_nvml_handle", lambda: object())  # as if a GPU were there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda handle: [])
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: type("M", (), {"used": 5})())
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMaxClockInfo", lambda handle, clock: 2619)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryBusWidth", lambda handle: 5120)
+    monkeypatch.setattr(pynvml, failing, fail)
+    bandwidth = env.peak_bandwidth_bytes_per_s.__wrapped__()  # uncached
+    if "Clock" in failing or "Bus" in failing:
+        assert bandwidth is None and env.nvml_used_bytes() == (5, "device")
+    else:
+        assert env.nvml_used_bytes() == (None, None) and CudaProbe().nvml() == {}
+        assert bandwidth == 2 * 2619e6 * 5120 / 8
