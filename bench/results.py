@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -35,18 +37,32 @@ def identity(point: BenchConfig) -> dict:
     return {k: values[k] for k in IDENTITY}
 
 
-def write_row(folder: Path, row: dict) -> Path:
-    """Write one row as JSON: a temporary file in the same folder, then a rename, so a reader (or a
-    killed run) never sees half a row."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".result-", suffix=".json")
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Write `path` atomically: yields a temporary path in the same folder (same suffix, so writers
+    that go by it still work) to write to; it then replaces `path` in one rename, readable by
+    others as the umask allows (0644 under the usual 022). If the writing fails, `path` keeps its
+    old content and the temporary file is removed. A reader, or a killed run, never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({k: row.get(k) for k in COLUMNS}, f, indent=1)
-        os.replace(tmp, folder / RESULT_FILE)
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
+
+def write_row(folder: Path, row: dict) -> Path:
+    """Write one row as JSON, atomically (atomic_file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / RESULT_FILE) as tmp, open(tmp, "w") as f:
+        json.dump({k: row.get(k) for k in COLUMNS}, f, indent=1)
     return folder / RESULT_FILE
 
 

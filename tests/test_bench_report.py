@@ -1,11 +1,14 @@
 """Rows on disk -> table, report and plots, from synthetic rows (no model runs here)."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from bench.report import PLOTS, build, oom_frontier, plot_view, ratio_table
 from bench.results import COLUMNS, IDENTITY, RESULT_FILE, load_rows, write_row
@@ -39,6 +42,34 @@ def test_write_row_is_atomic_and_complete(tmp_path):
     path = write_row(tmp_path / "p", _row("melt", 4, 256))
     assert path.name == RESULT_FILE and [p.name for p in path.parent.iterdir()] == [RESULT_FILE]
     assert list(json.loads(path.read_text())) == COLUMNS  # every column, missing ones as null
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_result_json_is_readable_by_others(tmp_path, umask_022):
+    """mkstemp makes 0600 files; a row must be readable by other users (shared or Slurm setups)."""
+    path = write_row(tmp_path / "p", _row("melt", 4, 256))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_failed_write_keeps_the_previous_row(tmp_path, monkeypatch):
+    path = write_row(tmp_path / "p", _row("melt", 4, 256, peak_bytes=1))
+    before = path.read_text()
+
+    def dump_half(obj, f, **kwargs):
+        f.write('{"model": "melt", ')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", dump_half)
+    with pytest.raises(OSError, match="disk full"):
+        write_row(tmp_path / "p", _row("melt", 4, 256, peak_bytes=2))
+    assert path.read_text() == before
+    assert [p.name for p in path.parent.iterdir()] == [RESULT_FILE]  # no temporary file left
 
 
 def test_load_rows_keeps_the_newest_row_per_identity(tmp_path):
