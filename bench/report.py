@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .results import IDENTITY, RESULT_FILE, TABLE_FILE, load_rows  # noqa: E402
+from .results import IDENTITY, RESULT_FILE, TABLE_FILE, atomic_file, load_rows  # noqa: E402
 
 MIB = 2**20
 MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT"}
@@ -27,19 +27,24 @@ PLOTS = ("memory_vs_depth.png", "memory_vs_seq_len.png", "throughput.png")
 
 
 def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
-    """Gather every result row under `src` and write the table, plots and report to `out`."""
+    """Gather every result row under `src` and write the table, plots and report to `out`, each
+    file atomically (a failure leaves the previous file as it was)."""
     df = load_rows(src)
     if df.empty:  # never overwrite a table with an empty one
         raise FileNotFoundError(f"no result rows under {src}: no {RESULT_FILE} and no {TABLE_FILE}")
     out = Path(out or src)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "table.csv", index=False)
-    df.to_parquet(out / TABLE_FILE, index=False)
+    with atomic_file(out / "table.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_file(out / TABLE_FILE) as tmp:
+        df.to_parquet(tmp, index=False)
     view = plot_view(df)
     plot_memory_vs_depth(view, out / PLOTS[0])
     plot_memory_vs_seq_len(view, out / PLOTS[1])
     plot_throughput(view, out / PLOTS[2])
-    (out / "report.md").write_text(markdown(df, view, title=Path(src).resolve().name))
+    text = markdown(df, view, title=Path(src).resolve().name)
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(text)
     return df
 
 
@@ -90,8 +95,11 @@ def _save(fig, axes, path: Path, empty_note: str | None) -> None:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                    frameon=False)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _ticked_axis(ax, values, log2: bool = True) -> None:

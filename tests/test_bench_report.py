@@ -92,6 +92,28 @@ def test_build_writes_table_report_and_plots(tmp_path):
     assert all(f"]({p})" in report for p in PLOTS)
 
 
+def test_report_files_are_replaced_atomically(tmp_path, monkeypatch, umask_022):
+    _write_sweep(tmp_path)
+    build(tmp_path)
+    outputs = ("table.csv", "table.parquet", "report.md", *PLOTS)
+    assert all(stat.S_IMODE((tmp_path / n).stat().st_mode) == 0o644 for n in outputs)
+    before = {n: (tmp_path / n).read_bytes() for n in outputs}
+    write_row(tmp_path / "points" / "new", _row("melt", 8, 256))
+
+    def write_half(self, path, **kwargs):
+        Path(path).write_bytes(b"PAR1 half a table")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", write_half)
+    with pytest.raises(OSError, match="disk full"):
+        build(tmp_path)
+    assert (tmp_path / "table.parquet").read_bytes() == before["table.parquet"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    monkeypatch.undo()
+    build(tmp_path)
+    assert len(pd.read_parquet(tmp_path / "table.parquet")) == len(pd.read_csv(tmp_path / "table.csv"))
+
+
 def test_summaries():
     rows = [_row(m, n, 1024) for m in ("ouro", "melt") for n in (1, 4)]
     rows += [_row("ouro", 4, 2048, status="oom"), _row("ouro", 4, 512)]
