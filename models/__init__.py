@@ -13,8 +13,8 @@ import contextlib
 import torch
 
 from .cache import KVCache
-from .config import (CACHE_UPDATES, EXIT_POLICIES, INIT_LATENTS, KV_SHARINGS, MODEL_NAMES, SIZES,
-                     ConfigError, LoopConfig, make_config)
+from .config import (CACHE_UPDATES, EXIT_POLICIES, INIT_LATENTS, KV_SHARINGS, MODEL_NAMES, MODEL_OPTIONS,
+                     SIZES, ConfigError, LoopConfig, make_config)
 from .layers import CausalLM
 from .melt import MeltLM
 from .ouro import OuroLM
@@ -66,5 +66,5 @@ def build_model(name: str, size: str = "tiny", loops: int | None = None, *, dtyp
 
 
 __all__ = ["build_model", "build_from_config", "make_config", "LoopConfig", "KVCache", "ConfigError",
-           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "MODEL_NAMES", "SIZES", "CACHE_UPDATES",
+           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "MODEL_NAMES", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
            "INIT_LATENTS", "KV_SHARINGS", "EXIT_POLICIES"]

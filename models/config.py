@@ -15,6 +15,12 @@ INIT_LATENTS = ("input", "zero")
 KV_SHARINGS = ("per_loop", "last_loop")
 EXIT_POLICIES = ("last", "threshold", "fixed")
 
+# Options that only one model has; make_config refuses them for the others.
+MODEL_OPTIONS = {
+    "chunk_size": "melt", "cache_update": "melt", "init_latent": "melt", "ema_alpha": "melt",
+    "kv_sharing": "ouro", "exit_policy": "ouro", "exit_threshold": "ouro", "exit_step": "ouro",
+}
+
 _OURO_COMMON = dict(
     hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
     head_dim=128, vocab_size=49152, max_position_embeddings=65536, loops=4,
@@ -162,6 +168,9 @@ def make_config(name: str, size: str = "tiny", loops: int | None = None, **overr
     if unknown:
         raise ConfigError(unknown[0], "unknown model option",
                           "fields of models.LoopConfig, e.g. chunk_size, cache_update, kv_sharing")
+    for field in overrides:
+        if MODEL_OPTIONS.get(field, name) != name:
+            raise ConfigError(field, f"not an option of {name}", f"an option of {MODEL_OPTIONS[field]}")
     fields = {**SIZES[size], **overrides}
     if "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & set(overrides):
         fields.pop("head_dim")  # re-derived as hidden_size // num_attention_heads

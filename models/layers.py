@@ -42,7 +42,7 @@ class Positions:
     Built once per forward (per chunk for MELT) and reused by every layer and loop.
     """
     start: int                       # position of the block's first token
-    cos: torch.Tensor                # [S, D], in the activations' dtype (computed in fp32)
+    cos: torch.Tensor                # [S, D]: computed in fp32, applied in the activations' dtype (as HF)
     sin: torch.Tensor                # [S, D]
     mask: torch.Tensor | None        # [S, start+S] bool, only when start > 0 and S > 1
 
@@ -57,6 +57,8 @@ class Positions:
         if start > 0 and length > 1:
             # Query i (absolute start+i) sees keys 0..start+i. When start == 0 the plain causal
             # mask applies and SDPA needs no tensor; a single query sees everything before it.
+            # (torch's CausalBias would avoid the tensor, but as a tensor subclass it cannot be
+            # made under the memory probes' dispatch modes; [C, start+C] bool is small.)
             keys = torch.arange(start + length, device=device)
             mask = keys[None, :] <= pos.long()[:, None]
         return cls(start, emb.cos().to(dtype), emb.sin().to(dtype), mask)
