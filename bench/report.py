@@ -205,6 +205,16 @@ def oom_frontier(view: pd.DataFrame) -> pd.DataFrame:
     return frontier[frontier.shortest_oom.notna()].astype("Int64")
 
 
+RATIOS = [  # (column, heading, what it includes) of the MELT / LoopLM tables in report.md
+    ("peak_bytes", "peak memory",
+     "`peak_bytes`, the scenario's peak: it includes prefill activations, and MELT prefills in chunks"
+     " of `chunk_size` tokens while the LoopLM prefills in one pass."),
+    ("peak_decode_bytes", "decode peak",
+     "`peak_decode_bytes`, the peak during decode (reset after prefill): the cache's effect without"
+     " the prefill activations."),
+    ("kv_bytes_analytic", "KV cache", "`kv_bytes_analytic`: the caches alone, by the models' formulas."),
+]
+
 TABLE_COLUMNS = {  # report column -> (table column, divisor)
     "peak MiB": ("peak_bytes", MIB), "prefill peak MiB": ("peak_prefill_bytes", MIB),
     "decode peak MiB": ("peak_decode_bytes", MIB), "KV MiB": ("kv_bytes_analytic", MIB),
@@ -226,10 +236,10 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
         f"- plots and summaries below: scenario {view.scenario.iloc[0]}, batch {view.batch.iloc[0]};"
         " memory in MiB (2^20 bytes)", "",
     ]
-    for column, what in (("peak_bytes", "peak memory"), ("kv_bytes_analytic", "KV cache")):
+    for column, what, note in RATIOS:
         ratios = ratio_table(view, column)
         if not ratios.empty:
-            lines += [f"## MELT / LoopLM {what} (rows: seq_len, columns: loops)", "",
+            lines += [f"## MELT / LoopLM {what} (rows: seq_len, columns: loops)", "", note, "",
                       ratios.to_markdown(floatfmt=".3f"), ""]
     frontier = oom_frontier(view)
     if not frontier.empty:

@@ -25,7 +25,7 @@ def _row(model, loops, seq_len, status="ok", **kw):
                timestamp="2026-01-01T00:00:00+00:00")
     if status == "ok":
         row.update(peak_bytes=10 * MIB + kv, kv_bytes_analytic=kv, weights_bytes=10 * MIB,
-                   decode_tokens_per_s=100.0 / loops)
+                   peak_decode_bytes=5 * MIB + kv, decode_tokens_per_s=100.0 / loops)
     return {**row, **kw}
 
 
@@ -89,6 +89,7 @@ def test_build_writes_table_report_and_plots(tmp_path):
     assert pd.read_parquet(tmp_path / "table.parquet").shape == pd.read_csv(tmp_path / "table.csv").shape
     report = (tmp_path / "report.md").read_text()
     assert "MELT / LoopLM peak memory" in report and "OOM frontier" in report
+    assert "MELT / LoopLM decode peak" in report
     assert all(f"]({p})" in report for p in PLOTS)
 
 
@@ -120,6 +121,9 @@ def test_summaries():
     view = plot_view(pd.DataFrame(rows, columns=COLUMNS))
     kv = ratio_table(view, "kv_bytes_analytic")
     assert kv.loc[1024, 1] == 1.0 and kv.loc[1024, 4] == 0.25
+    decode = ratio_table(view, "peak_decode_bytes")
+    kv_1024 = 1024 * 1000
+    assert decode.loc[1024, 4] == (5 * MIB + kv_1024) / (5 * MIB + 4 * kv_1024)
     frontier = oom_frontier(view)
     assert frontier.loc[("LoopLM (Ouro)", 4)].tolist() == [1024, 2048]
 
