@@ -16,23 +16,14 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+# MODEL_OPTIONS: option -> the one model that has it. In a sweep across models an option goes only
+# to the model that has it; the others leave its column empty.
+from models import MODEL_NAMES, MODEL_OPTIONS, SIZES, make_config
+
 SCENARIOS = ("prefill", "decode", "generate")
 PROBES = ("auto", "cuda", "tracked", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-
-# Model options, and the models they apply to. In a sweep across models an option is passed only to
-# the models that have it; the others leave its column empty.
-MODEL_OPTIONS = {
-    "chunk_size": ("melt",),
-    "cache_update": ("melt",),
-    "init_latent": ("melt",),
-    "kv_sharing": ("ouro",),
-    "exit_policy": ("ouro",),
-    "exit_threshold": ("ouro",),
-    "exit_step": ("ouro",),
-}
-
 
 class ConfigError(ValueError):
     """A bad setting; the message reads '<field>: <what is wrong>; allowed: <what is>', the format
@@ -69,6 +60,7 @@ class BenchConfig:
     exit_policy: Optional[str] = None
     exit_threshold: Optional[float] = None
     exit_step: Optional[int] = None
+    ema_alpha: Optional[float] = None  # MELT, cache_update=ema: the fraction of h_prev kept
     # A device memory cap in MiB: allocations past it raise an out-of-memory error, as a smaller
     # device would (the tracked probe checks live bytes; on CUDA it sets the allocator's fraction).
     mem_limit_mib: Optional[float] = None
@@ -77,8 +69,8 @@ class BenchConfig:
 
     def model_options(self) -> dict:
         """The options set for this point's model, as keyword arguments for models.build_model."""
-        return {k: getattr(self, k) for k, models in MODEL_OPTIONS.items()
-                if self.model in models and getattr(self, k) is not None}
+        return {k: getattr(self, k) for k, owner in MODEL_OPTIONS.items()
+                if self.model == owner and getattr(self, k) is not None}
 
 
 def cuda_wanted(device: str) -> bool:
@@ -101,8 +93,6 @@ def register() -> None:
 def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     """Check a composed config and return it with every `auto` replaced by what will be used.
     Raises ConfigError on the first bad value; allocates nothing."""
-    from models import SIZES, MODEL_NAMES, make_config  # the models package, imported on use
-
     if isinstance(cfg, DictConfig):
         unknown = sorted(set(cfg) - set(BenchConfig.__dataclass_fields__))  # e.g. from +key=value
         if unknown:
@@ -145,8 +135,8 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
                    f"max_position_embeddings {limit}", f"seq_len <= {limit - needed + c.seq_len}")
     # The point as it will run: `standard` runs once whatever loops asks, a prefill decodes nothing,
     # and the options show the model's values (empty for options the model does not have).
-    options = {k: getattr(model_cfg, k) if c.model in models else None
-               for k, models in MODEL_OPTIONS.items()}
+    options = {k: getattr(model_cfg, k) if c.model == owner else None
+               for k, owner in MODEL_OPTIONS.items()}
     return dataclasses.replace(c, device=device, dtype=dtype, probe=probe, loops=model_cfg.loops,
                                new_tokens=0 if c.scenario == "prefill" else c.new_tokens, **options)
 
