@@ -156,7 +156,7 @@ def decode_bytes_per_step(model, p: BenchConfig) -> float:
     layer weights (gates included) and one KV slot per layer over the context; the output head is
     read once and the embedding only for one row (ignored). Context: its mean over the decode."""
     c = model.config
-    itemsize = torch.empty((), dtype=model.dtype, device="meta").element_size()
+    itemsize = model.dtype.itemsize
     table = c.vocab_size * c.hidden_size * itemsize
     layers = model.weights_bytes() - (table if c.tie_word_embeddings else 2 * table)
     context = p.seq_len + (p.new_tokens - 1) / 2

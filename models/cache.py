@@ -26,8 +26,7 @@ class KVCache:
     @staticmethod
     def slot_bytes(batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
         """Analytic bytes of one slot: 2 (K and V) * B * H_kv * L * D * bytes(dtype)."""
-        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-        return 2 * batch_size * num_kv_heads * max_len * head_dim * itemsize
+        return 2 * batch_size * num_kv_heads * max_len * head_dim * dtype.itemsize
 
     def update(self, slot: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H_kv, S, D] at rows start_pos..start_pos+S of `slot` (overwriting what was

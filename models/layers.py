@@ -302,8 +302,8 @@ class CausalLM(nn.Module):
         expected = set(model.state_dict())
         if config.tie_word_embeddings:
             expected.discard("lm_head.weight")
-        missing = {k for k in expected - set(state) if not k.startswith(cls.optional_keys or "\0")}
-        unexpected = {k for k in set(state) - expected if not k.startswith(cls.ignored_keys or "\0")}
+        missing = {k for k in expected - set(state) if not k.startswith(cls.optional_keys)}
+        unexpected = {k for k in set(state) - expected if not k.startswith(cls.ignored_keys)}
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: "
                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
