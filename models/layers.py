@@ -132,10 +132,13 @@ class DecoderLayer(nn.Module):
                 latent=None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]. `latent(u) -> h` lets MELT derive K/V from its gated latent
         instead of the attention input u; the other models pass None."""
-        u = self.input_layernorm(x)
-        kv_input = u if latent is None else latent(u)
-        x = x + self.input_layernorm_2(self.self_attn(u, kv_input, pos, cache, slot))
+        x = x + self.input_layernorm_2(self._attend(x, pos, cache, slot, latent))
         return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+
+    def _attend(self, x, pos, cache, slot, latent) -> torch.Tensor:
+        # Its own function so that u and the latent [B, S, d] are freed before the MLP runs.
+        u = self.input_layernorm(x)
+        return self.self_attn(u, u if latent is None else latent(u), pos, cache, slot)
 
 
 class Backbone(nn.Module):

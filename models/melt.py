@@ -96,9 +96,9 @@ class MeltLM(CausalLM):
             cache = self.new_cache(B, S)
         outputs = []
         for begin, end in bounds:
-            hidden = self._run_chunk(x[:, begin:end], cache, start_pos + begin)
-            if not last_only or end == S:  # with last_only, earlier chunks only fill the cache
-                outputs.append(hidden)
+            if last_only:  # earlier chunks only fill the cache: free their output before the next
+                outputs.clear()
+            outputs.append(self._run_chunk(x[:, begin:end], cache, start_pos + begin))
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     def _run_chunk(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
