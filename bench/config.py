@@ -49,7 +49,7 @@ class BenchConfig:
     probe: str = "auto"  # auto (cuda on a GPU, else tracked) | cuda | tracked | fake (estimate)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16
-    repeats: int = 3  # timed repeats; speed columns are medians over them
+    repeats: int = 3  # timed repeats; speed columns are medians over them (0: memory only)
     warmup: int = 1  # untimed full runs of the scenario before measuring
     seed: int = 0
     # Model options (None: the model's default); see MODEL_OPTIONS for which model takes which.
@@ -106,7 +106,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     _choice("dtype", c.dtype, DTYPES)
     _choice("probe", c.probe, PROBES)
     for field, low in (("loops", 1), ("seq_len", 1), ("batch", 1), ("new_tokens", 1),
-                       ("repeats", 1), ("warmup", 0)):
+                       ("repeats", 0), ("warmup", 0)):
         if getattr(c, field) < low:
             raise _bad(field, f"got {getattr(c, field)}", f"an integer >= {low}")
     if c.mem_limit_mib is not None and c.mem_limit_mib <= 0:

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .paper import markdown as paper_markdown  # noqa: E402
+from .paper import table2  # noqa: E402
 from .results import IDENTITY, RESULT_FILE, TABLE_FILE, atomic_file, load_rows  # noqa: E402
 
 MIB = 2**20
@@ -190,7 +192,7 @@ def ratio_table(view: pd.DataFrame, column: str = "peak_bytes") -> pd.DataFrame:
                            aggfunc="first")
     if not {"melt", "ouro"} <= set(pivot.columns):
         return pd.DataFrame()
-    return (pivot["melt"] / pivot["ouro"]).unstack("loops")
+    return (pivot["melt"] / pivot["ouro"]).unstack("loops").dropna(axis=1, how="all")
 
 
 def oom_frontier(view: pd.DataFrame) -> pd.DataFrame:
@@ -218,9 +220,42 @@ RATIOS = [  # (column, heading, what it includes) of the MELT / LoopLM tables in
 TABLE_COLUMNS = {  # report column -> (table column, divisor)
     "peak MiB": ("peak_bytes", MIB), "prefill peak MiB": ("peak_prefill_bytes", MIB),
     "decode peak MiB": ("peak_decode_bytes", MIB), "KV MiB": ("kv_bytes_analytic", MIB),
-    "weights MiB": ("weights_bytes", MIB), "prefill tok/s": ("prefill_tokens_per_s", 1),
+    "weights MiB": ("weights_bytes", MIB), "predicted peak MiB": ("predicted_peak_bytes", MIB),
+    "prefill tok/s": ("prefill_tokens_per_s", 1),
     "decode tok/s": ("decode_tokens_per_s", 1), "p50 ms/token": ("token_latency_ms_p50", 1),
 }
+
+
+PREDICTION_OF = {"peak_bytes": "predicted_peak_bytes", "peak_prefill_bytes": "predicted_prefill_bytes",
+                 "peak_decode_bytes": "predicted_decode_bytes"}
+
+
+def prediction_error(df: pd.DataFrame, column: str = "peak_bytes") -> pd.Series:
+    """(predicted / measured - 1) of `column` per ok row that has both, as a fraction."""
+    predicted = PREDICTION_OF[column]
+    rows = df[(df.status == "ok") & df[column].notna() & df[predicted].notna()]
+    return rows[predicted].astype(float) / rows[column].astype(float) - 1
+
+
+def prediction_markdown(df: pd.DataFrame) -> list[str]:
+    """How far bench.memory_model's prediction is from what each probe measured."""
+    stats = []
+    for probe, rows in df.groupby("probe"):
+        for column, what in (("peak_prefill_bytes", "prefill peak"), ("peak_decode_bytes", "decode peak")):
+            err = prediction_error(rows, column)
+            if len(err):
+                worst = rows.loc[err.abs().idxmax()]
+                stats.append({"probe": probe, "phase": what, "points": len(err),
+                              "median error %": 100 * err.median(),
+                              "max abs error %": 100 * err.abs().max(),
+                              "worst point": f"{worst.model} loops={worst.loops} "
+                                             f"seq_len={worst.seq_len} batch={worst.batch}"})
+    if not stats:
+        return []
+    return ["## Predicted vs measured memory", "",
+            "bench/memory_model.py predicts each point's peaks from its config alone (weights, KV"
+            " cache, largest activation set; README, \"Memory model\"). Error = predicted /"
+            " measured - 1.", "", pd.DataFrame(stats).to_markdown(index=False, floatfmt=".3f"), ""]
 
 
 def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
@@ -241,6 +276,10 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
         if not ratios.empty:
             lines += [f"## MELT / LoopLM {what} (rows: seq_len, columns: loops)", "", note, "",
                       ratios.to_markdown(floatfmt=".3f"), ""]
+    paper = table2(df)
+    if not paper.empty:
+        lines += paper_markdown(paper)
+    lines += prediction_markdown(df)
     frontier = oom_frontier(view)
     if not frontier.empty:
         lines += ["## OOM frontier (longest sequence that fit, shortest that did not)", "",

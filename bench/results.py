@@ -25,10 +25,13 @@ STATUS = ["status", "error"]
 MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
           "reserved_bytes", "nvml_used_bytes", "nvml_scope", "non_torch_bytes"]
+# bench.memory_model's analytic prediction for the point (empty for a model it does not cover).
+PREDICTED = ["predicted_kv_bytes", "predicted_prefill_bytes", "predicted_decode_bytes",
+             "predicted_peak_bytes"]
 SPEED = ["prefill_tokens_per_s", "decode_tokens_per_s", "token_latency_ms_p50",
          "token_latency_ms_p90", "bandwidth_utilization"]
 ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
-COLUMNS = IDENTITY + STATUS + MEMORY + SPEED + ENV
+COLUMNS = IDENTITY + STATUS + MEMORY + PREDICTED + SPEED + ENV
 
 
 def identity(point: BenchConfig) -> dict:

@@ -14,8 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from models import MODEL_CLASSES
+
 from . import env
 from .config import BenchConfig, resolve
+from .memory_model import predict_point
 from .probes import Phase, make_probe
 from .results import COLUMNS, find_measured, identity, same_code, write_row
 from .scenarios import Scenario
@@ -55,6 +58,8 @@ def measure(point: BenchConfig) -> dict:
     is status=error with its message: a sweep always gets its row and goes on."""
     start = time.perf_counter()
     row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(), "status": "ok"}
+    if point.model in MODEL_CLASSES:  # what the point should take, even when it runs out of memory
+        row.update(predict_point(point).columns(point.scenario))
     try:
         row.update(_measure(point))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
@@ -78,7 +83,7 @@ def _measure(p: BenchConfig) -> dict:
     torch.manual_seed(p.seed)
     with torch.inference_mode():
         run, row = _memory_pass(p, probe)
-        if probe.timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
+        if probe.timed and p.repeats:  # outside the probe: the tracked probe's bookkeeping would slow it down
             row.update(_timing_pass(p, run))
     return row
 
