@@ -1,25 +1,25 @@
-"""Memory ceilings for CI: check result rows against limits written in YAML.
+"""Memory ceilings for CI: every measured point against a committed byte limit, plus structural
+guards that hold whatever the sizes.
 
-    python -m bench.ceilings RESULTS [CEILINGS_YAML ...]
+    python -m bench.ceilings check RESULTS [--ceilings FILE]            # exit 1 on a violation
+    python -m bench.ceilings check RESULTS --update [--headroom 0.05]   # rewrite FILE from RESULTS
 
-RESULTS is a results folder (its result.json rows, or else its table.parquet) or a table
-file (.csv or .parquet). Without CEILINGS_YAML, conf/ceilings/cpu_small.yaml is used.
-Prints one line per check; exits 0 when all pass, 1 when any fails, 2 on bad input (one line).
+RESULTS is a results folder (its result.json rows, or its table.parquet) or a table (.csv or
+.parquet). FILE defaults to conf/ceilings/ci.yaml, the ceilings of the sweep `make test` runs
+(experiment=ci). A ceilings file:
 
-A ceilings file is a YAML list of rules (README.md, "Memory ceilings in CI"):
+    headroom: 0.05                  # what --update added on top of the measured bytes
+    guards:                         # checked on every results folder that has the rows they need
+      melt_flat_in_loops: 0.02      # MELT's peak at any depth <= its 1-loop peak x 1.02
+      ouro_kv_is_loops_x_standard: true   # LoopLM KV bytes == loops x the standard model's
+      melt_kv_is_standard: true     # MELT KV bytes == the standard model's
+    ceilings:                       # one entry per point: its key, then byte limits
+    - {model: melt, size: small, loops: 4, seq_len: 256, batch: 1, scenario: generate,
+       dtype: float32, probe: tracked, peak_bytes: 29807066, peak_decode_bytes: 27262156}
 
-    - name: MELT, 2048 tokens            # optional, shown in the table
-      where: "model == 'melt' and seq_len == 2048"   # pandas DataFrame.query string; required
-      peak_bytes: 55                     # absolute: every matching row's peak_bytes <= 55 MiB
-      peak_decode_bytes: 43
-    - where: "model == 'melt'"
-      flat_in: loops                     # relative: in each group of rows equal in every other
-      tolerance: 0.02                    #   identity column, max/min over loops <= 1 + tolerance
-      columns: [peak_bytes, peak_decode_bytes]
-
-A rule that matches no row is an error (a typo must not pass silently), and so is a flat_in rule
-with no group holding two values of its column. A matching row whose status is oom or error fails
-the rule.
+A point is found by KEY (below); a ceiling whose point is missing from the results, or whose row
+is not ok, fails, as does a row above its ceiling. Exit status: 0 all pass, 1 a check failed,
+2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -27,45 +27,33 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
-from omegaconf import OmegaConf
 
-from .results import IDENTITY, MEMORY, RESULT_FILE, load_rows
+from .results import IDENTITY, RESULT_FILE, atomic_file, load_rows
 
-MIB = 2**20
-DEFAULT_CEILINGS = Path(__file__).resolve().parent.parent / "conf" / "ceilings" / "cpu_small.yaml"
-# Columns a ceiling can limit: the memory columns that hold bytes.
-BYTE_COLUMNS = [c for c in MEMORY if c.endswith("_bytes")]
-RULE_KEYS = ["name", "where", "flat_in", "tolerance", "columns"]
+DEFAULT_CEILINGS = Path(__file__).resolve().parent.parent / "conf" / "ceilings" / "ci.yaml"
+# What names a point in a ceilings file; rows that agree on these must agree on everything else.
+KEY = ["model", "size", "loops", "seq_len", "batch", "scenario", "dtype", "probe"]
+LIMITED = ["peak_bytes", "peak_decode_bytes"]  # the columns a ceiling limits
+GUARDS = {"melt_flat_in_loops": "MELT peak flat in loops",
+          "ouro_kv_is_loops_x_standard": "LoopLM KV = loops x standard",
+          "melt_kv_is_standard": "MELT KV = standard"}
 
 
 class CeilingError(ValueError):
-    """Bad input: a ceilings file, a rule or a results path that cannot be checked."""
+    """Bad input: a ceilings file or a results path that cannot be checked."""
 
 
 @dataclass
-class Rule:
-    label: str                 # name (file#index) for the table and errors
-    where: str
-    limits: dict[str, float]   # column -> MiB
-    flat_in: str | None = None
-    tolerance: float = 0.0
-    columns: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Check:
-    rule: str
-    check: str
-    rows: int
-    value: str
-    limit: str
+class Finding:
+    check: str       # "ceiling" or a guard's name
+    point: str       # key=value ... of the point (or the pair of points)
     ok: bool
-    details: list[str] = field(default_factory=list)  # one line per failing row or group
+    detail: str      # the measured bytes, the limit, the excess
 
 
 # -- input ----------------------------------------------------------------------------------
@@ -75,216 +63,214 @@ def load_results(path: Path | str) -> pd.DataFrame:
     table file."""
     path = Path(path)
     if path.is_dir():
-        df = load_rows(path)  # result.json rows below it, else its gathered table.parquet
+        df = load_rows(path)
         if df.empty:
             raise CeilingError(f"{path}: no {RESULT_FILE} or table.parquet in it")
-    elif path.suffix == ".csv" and path.is_file():
-        df = pd.read_csv(path)
-    elif path.suffix == ".parquet" and path.is_file():
-        df = pd.read_parquet(path)
+    elif path.suffix in (".csv", ".parquet") and path.is_file():
+        df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     elif not path.exists():
         raise CeilingError(f"{path}: no such file or folder")
     else:
         raise CeilingError(f"{path}: not a results folder, .csv or .parquet")
-    if df.empty:
-        raise CeilingError(f"{path}: no result rows")
-    missing = [c for c in [*IDENTITY, "status"] if c not in df.columns]
-    if missing:
-        raise CeilingError(f"{path}: not a results table; missing columns {', '.join(missing)}")
+    missing = [c for c in [*IDENTITY, "status", *LIMITED] if c not in df.columns]
+    if df.empty or missing:
+        raise CeilingError(f"{path}: not a results table; "
+                           + (f"missing columns {', '.join(missing)}" if missing else "no rows"))
+    _check_unique(df, path)
     return df.reset_index(drop=True)
 
 
-def load_ceilings(path: Path | str) -> list[Rule]:
-    """The rules of one ceilings file."""
+def _check_unique(df: pd.DataFrame, where) -> None:
+    """Two rows with one KEY would share a ceiling: refuse, naming the column they differ in."""
+    dup = df[df.duplicated(KEY, keep=False)]
+    if dup.empty:
+        return
+    first = dup.groupby(KEY, dropna=False).head(2).iloc[:2]
+    differ = [c for c in IDENTITY if c not in KEY and first[c].nunique(dropna=False) > 1]
+    raise CeilingError(f"{where}: two rows for the point {_name(first.iloc[0])} (they differ in "
+                       f"{', '.join(differ) or 'nothing'}); ceilings are per {', '.join(KEY)}: "
+                       f"check one setting of the other columns at a time")
+
+
+def load_ceilings(path: Path | str) -> dict:
+    """A ceilings file as {"headroom", "guards", "ceilings"}, checked."""
     path = Path(path)
     if not path.is_file():
-        raise CeilingError(f"{path}: no such file")
+        raise CeilingError(f"{path}: no such file (make one with: check RESULTS --update)")
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise CeilingError(f"{path}: bad YAML: {_yaml_problem(e)}") from None
-    except Exception as e:  # noqa: BLE001 - OmegaConf's errors (interpolation...), made one line
-        raise CeilingError(f"{path}: {_first_line(e)}") from None
-    if not isinstance(raw, list) or not raw:
-        raise CeilingError(f"{path}: expected a YAML list of rules (- where: ...), "
-                           f"got {type(raw).__name__ if raw else 'nothing'}")
-    return [_rule(item, f"{path.name}#{i}") for i, item in enumerate(raw, 1)]
-
-
-def _rule(item, where_from: str) -> Rule:
-    if not isinstance(item, dict):
-        raise CeilingError(f"{where_from}: a rule is a mapping (where: ..., <column>: MiB), "
-                           f"got {item!r}")
-    label = f"{item['name']} ({where_from})" if item.get("name") else where_from
-
-    def bad(message: str) -> CeilingError:
-        return CeilingError(f"{label}: {message}")
-
-    where = item.get("where")
-    if not isinstance(where, str) or not where.strip():
-        raise bad("'where' is required: a DataFrame.query string, e.g. \"model == 'melt'\"")
-    limits = {}
-    for key, value in item.items():
-        if key in RULE_KEYS:
-            continue
-        if key not in BYTE_COLUMNS:
-            raise bad(f"unknown key {key!r}; allowed: {', '.join(RULE_KEYS + BYTE_COLUMNS)}")
-        if not _number(value) or value <= 0:
-            raise bad(f"{key}: got {value!r}; allowed: a ceiling in MiB, a number > 0")
-        limits[key] = float(value)
-    flat_in, columns = item.get("flat_in"), item.get("columns")
-    tolerance = item.get("tolerance", 0.0)
-    if flat_in is None:
-        if columns is not None or "tolerance" in item:
-            raise bad("'columns' and 'tolerance' go with 'flat_in'")
+        mark = getattr(e, "problem_mark", None)
+        raise CeilingError(f"{path}: bad YAML: {getattr(e, 'problem', e)}"
+                           + (f" (line {mark.line + 1})" if mark else "")) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("ceilings"), list):
+        raise CeilingError(f"{path}: expected a mapping with a 'ceilings' list (and optional "
+                           f"'headroom', 'guards')")
+    unknown = set(raw) - {"headroom", "guards", "ceilings"}
+    if unknown:
+        raise CeilingError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: headroom, guards, ceilings")
+    guards = raw.get("guards") or {}
+    for name, value in guards.items():
+        if name not in GUARDS:
+            raise CeilingError(f"{path}: guards: unknown guard {name!r}; allowed: {', '.join(GUARDS)}")
+        if name == "melt_flat_in_loops" and not (_number(value) and value >= 0):
+            raise CeilingError(f"{path}: guards: melt_flat_in_loops: got {value!r}; allowed: a "
+                               f"tolerance >= 0 (0.02 is 2 %)")
+        if name != "melt_flat_in_loops" and not isinstance(value, bool):
+            raise CeilingError(f"{path}: guards: {name}: got {value!r}; allowed: true | false")
+    for i, entry in enumerate(raw["ceilings"], 1):
+        where = f"{path}: ceilings #{i}"
+        if not isinstance(entry, dict):
+            raise CeilingError(f"{where}: expected a mapping of {', '.join(KEY)} and byte limits")
+        missing = [k for k in KEY if k not in entry]
+        if missing:
+            raise CeilingError(f"{where}: missing {', '.join(missing)}")
+        extra = set(entry) - set(KEY) - set(LIMITED)
+        if extra:
+            raise CeilingError(f"{where}: unknown key {sorted(extra)[0]!r}; allowed: "
+                               f"{', '.join(KEY + LIMITED)}")
+        limits = [k for k in LIMITED if k in entry]
         if not limits:
-            raise bad(f"no check; give a ceiling (<column>: MiB, columns: "
-                      f"{', '.join(BYTE_COLUMNS)}) or flat_in")
-        return Rule(label, where, limits)
-    if flat_in not in IDENTITY:
-        raise bad(f"flat_in: unknown column {flat_in!r}; allowed: {', '.join(IDENTITY)}")
-    if isinstance(columns, str):
-        columns = [columns]
-    if not columns or not isinstance(columns, list):
-        raise bad("flat_in needs 'columns': a list of memory columns, e.g. [peak_bytes]")
-    for c in columns:
-        if c not in BYTE_COLUMNS:
-            raise bad(f"columns: unknown column {c!r}; allowed: {', '.join(BYTE_COLUMNS)}")
-    if not _number(tolerance) or tolerance < 0:
-        raise bad(f"tolerance: got {tolerance!r}; allowed: a number >= 0 (0.02 is 2 %)")
-    return Rule(label, where, limits, flat_in, float(tolerance), list(columns))
+            raise CeilingError(f"{where}: no limit; give {' and/or '.join(LIMITED)} in bytes")
+        for k in limits:
+            if isinstance(entry[k], bool) or not isinstance(entry[k], int) or entry[k] <= 0:
+                raise CeilingError(f"{where}: {k}: got {entry[k]!r}; allowed: a number of bytes > 0")
+    return {"headroom": raw.get("headroom"), "guards": guards, "ceilings": raw["ceilings"]}
 
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    problem = getattr(e, "problem", None) or _first_line(e)
-    mark = getattr(e, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _name(row) -> str:
+    return " ".join(f"{k}={row[k]}" for k in KEY)
 
 
 # -- checks ---------------------------------------------------------------------------------
 
-def select(df: pd.DataFrame, rule: Rule) -> pd.DataFrame:
-    """The rows `rule.where` matches; a bad query, or one matching nothing, is a CeilingError."""
-    try:
-        mask = df.eval(rule.where)
-    except Exception as e:  # noqa: BLE001 - pandas raises many kinds for a bad expression
-        raise CeilingError(f"{rule.label}: bad where {rule.where!r}: {_first_line(e)}") from None
-    if not isinstance(mask, pd.Series) or not pd.api.types.is_bool_dtype(mask):
-        raise CeilingError(f"{rule.label}: where {rule.where!r} is not a condition; "
-                           f"allowed: a comparison, e.g. \"model == 'melt' and loops > 1\"")
-    rows = df[mask.fillna(False).astype(bool)]
-    if rows.empty:
-        raise CeilingError(f"{rule.label}: where {rule.where!r} matches no row")
-    return rows
-
-
-def check(df: pd.DataFrame, rules: list[Rule]) -> list[Check]:
-    """Every check of every rule against the rows of `df`."""
-    for rule in rules:
-        missing = [c for c in [*rule.limits, *rule.columns] if c not in df.columns]
-        if missing:
-            raise CeilingError(f"{rule.label}: the results have no column {missing[0]!r}")
-    checks = []
-    for rule in rules:
-        rows = select(df, rule)
-        name = _namer(rows)
-        ok = rows[rows.status == "ok"]
-        bad = rows[rows.status != "ok"]
-        if not bad.empty:
-            counts = ", ".join(f"{n} {s}" for s, n in bad.status.value_counts(dropna=False).items())
-            checks.append(Check(
-                rule.label, "status", len(rows), counts, "ok", False,
-                [f"{name(r)}: status {r['status']}"
-                 + (f" ({r['error']})" if _present(r.get("error")) else "")
-                 for r in bad.to_dict("records")]))
-        for column, mib in rule.limits.items():
-            checks.append(_absolute(rule, ok, len(rows), column, mib, name))
-        for column in rule.columns:
-            checks.append(_flat(rule, ok, len(rows), column, name))
-    return checks
-
-
-def _absolute(rule, ok, n, column, mib, name) -> Check:
-    values = pd.to_numeric(ok[column], errors="coerce")
-    records = ok.to_dict("records")
-    details = [f"{name(r)}: {column} missing" for r, v in zip(records, values) if pd.isna(v)]
-    details += [f"{name(r)}: {column} {v / MIB:.2f} MiB > {mib:g} MiB"
-                for r, v in zip(records, values) if v > mib * MIB]
-    worst = f"{values.max() / MIB:.2f} MiB" if values.notna().any() else "-"
-    return Check(rule.label, column, n, worst, f"<= {mib:g} MiB", not details, details)
-
-
-def _flat(rule, ok, n, column, name) -> Check:
-    others = [c for c in IDENTITY if c != rule.flat_in]
-    values = pd.to_numeric(ok[column], errors="coerce")
-    details = [f"{name(r)}: {column} missing"
-               for r, v in zip(ok.to_dict("records"), values) if pd.isna(v)]
-    ratios = []
-    frame = ok.assign(_value=values).dropna(subset=["_value"])
-    for _, group in frame.groupby(others, dropna=False, sort=False):
-        if group[rule.flat_in].nunique() < 2:
+def check(df: pd.DataFrame, ceilings: dict) -> list[Finding]:
+    """Every ceiling against its row, then every guard over the rows it applies to."""
+    _check_unique(df, "results")
+    index = {tuple(_norm(r[k]) for k in KEY): r for r in df.to_dict("records")}
+    findings = []
+    for entry in ceilings["ceilings"]:
+        point = " ".join(f"{k}={entry[k]}" for k in KEY)
+        row = index.get(tuple(_norm(entry[k]) for k in KEY))
+        if row is None:
+            findings.append(Finding("ceiling", point, False, "not in the results (not measured)"))
             continue
-        low = group.loc[group["_value"].idxmin()].to_dict()
-        high = group.loc[group["_value"].idxmax()].to_dict()
-        lo, hi = low["_value"], high["_value"]
-        ratio = hi / lo if lo > 0 else (1.0 if hi == 0 else math.inf)
-        ratios.append(ratio)
-        if ratio > 1 + rule.tolerance:
-            details.append(f"{name(high)}: {column} {hi / MIB:.2f} MiB is {ratio:.4f}x that at "
-                           f"{rule.flat_in}={_fmt(low[rule.flat_in])} ({lo / MIB:.2f} MiB)")
-    if not ratios and not details:
-        raise CeilingError(f"{rule.label}: flat_in {rule.flat_in}: no group of matching ok rows "
-                           f"has two values of {rule.flat_in}, so nothing is compared")
-    worst = f"{max(ratios):.4f} max/min" if ratios else "-"
-    return Check(rule.label, f"{column} flat in {rule.flat_in}", n, worst,
-                 f"<= {1 + rule.tolerance:g}", not details, details)
+        if row["status"] != "ok":
+            findings.append(Finding("ceiling", point, False,
+                                    f"status {row['status']}: {row.get('error') or ''}".rstrip(": ")))
+            continue
+        for column in LIMITED:
+            if column not in entry:
+                continue
+            measured, limit = row[column], entry[column]
+            if measured is None or pd.isna(measured):
+                findings.append(Finding("ceiling", point, False, f"{column} missing"))
+                continue
+            excess = 100 * (measured / limit - 1)
+            findings.append(Finding("ceiling", point, measured <= limit,
+                                    f"{column} {int(measured):,} B, ceiling {limit:,} B ({excess:+.2f} %)"))
+    guards = ceilings["guards"]
+    ok = df[df.status == "ok"]
+    if "melt_flat_in_loops" in guards:
+        findings += _melt_flat(ok, float(guards["melt_flat_in_loops"]))
+    if guards.get("ouro_kv_is_loops_x_standard"):
+        findings += _kv_vs_standard(ok, "ouro", lambda loops: loops, "ouro_kv_is_loops_x_standard")
+    if guards.get("melt_kv_is_standard"):
+        findings += _kv_vs_standard(ok, "melt", lambda loops: 1, "melt_kv_is_standard")
+    return findings
 
 
-def _present(value) -> bool:
-    return not (pd.api.types.is_scalar(value) and pd.isna(value))
-
-
-def _namer(rows: pd.DataFrame):
-    """row -> 'model=melt loops=4 seq_len=2048': model, loops, seq_len and any other identity
-    column that varies among a rule's `rows` (empty values left out)."""
-    shown = ["model", "loops", "seq_len"]
-    shown += [c for c in IDENTITY if c not in shown and rows[c].nunique(dropna=False) > 1]
-
-    def name(row: dict) -> str:
-        return " ".join(f"{c}={_fmt(row[c])}" for c in shown if _present(row[c]))
-
-    return name
-
-
-def _fmt(value) -> str:
+def _norm(value):
+    """Key values as plain Python (1 == 1.0 == numpy 1), so YAML and table entries match."""
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def _melt_flat(ok: pd.DataFrame, tolerance: float) -> list[Finding]:
+    """Per MELT setting: peak at every depth <= peak at loops=1 x (1 + tolerance)."""
+    melt = ok[ok.model == "melt"]
+    others = [c for c in IDENTITY if c != "loops"]
+    findings = []
+    for _, group in melt.groupby(others, dropna=False):
+        base = group[group.loops == 1]
+        if base.empty or len(group) < 2:
+            continue
+        base = base.iloc[0]
+        for column in LIMITED:
+            for r in group[group.loops > 1].to_dict("records"):
+                if pd.isna(r[column]) or pd.isna(base[column]):
+                    continue
+                ratio = r[column] / base[column]
+                findings.append(Finding(
+                    "melt_flat_in_loops", _name(r), ratio <= 1 + tolerance,
+                    f"{column} {int(r[column]):,} B = {ratio:.4f} x loops=1 ({int(base[column]):,} B);"
+                    f" allowed <= {1 + tolerance:g}"))
+    return findings
+
+
+def _kv_vs_standard(ok: pd.DataFrame, model: str, factor, name: str) -> list[Finding]:
+    """Per `model` row with a standard row of the same setting: KV bytes == factor(loops) x its."""
+    same = ["size", "seq_len", "batch", "new_tokens", "scenario", "dtype", "device", "probe"]
+    standard = {tuple(_norm(r[c]) for c in same): r for r in ok[ok.model == "standard"].to_dict("records")}
+    findings = []
+    for r in ok[ok.model == model].to_dict("records"):
+        s = standard.get(tuple(_norm(r[c]) for c in same))
+        if s is None or pd.isna(r["kv_bytes_measured"]) or pd.isna(s["kv_bytes_measured"]):
+            continue
+        want = factor(int(r["loops"])) * int(s["kv_bytes_measured"])
+        got = int(r["kv_bytes_measured"])
+        findings.append(Finding(name, _name(r), got == want,
+                                f"KV {got:,} B, standard {int(s['kv_bytes_measured']):,} B x "
+                                f"{factor(int(r['loops']))} = {want:,} B"))
+    return findings
+
+
+# -- update ---------------------------------------------------------------------------------
+
+def updated(df: pd.DataFrame, headroom: float, guards: dict) -> dict:
+    """Ceilings for every ok row of `df`: measured bytes x (1 + headroom), rounded up."""
+    entries = []
+    for r in df[df.status == "ok"].sort_values(KEY).to_dict("records"):
+        entry = {k: _norm(r[k]) for k in KEY}
+        for column in LIMITED:
+            if not pd.isna(r[column]):
+                entry[column] = math.ceil(int(r[column]) * (1 + headroom))
+        entries.append(entry)
+    return {"headroom": headroom, "guards": guards, "ceilings": entries}
+
+
+def write_ceilings(path: Path, ceilings: dict, source: str) -> None:
+    header = (f"# Memory ceilings, written by: python -m bench.ceilings check {source} --update "
+              f"--headroom {ceilings['headroom']}\n# Each limit is the measured bytes plus the "
+              f"headroom. Format and guards: bench/ceilings.py; README, \"Memory ceilings in CI\".\n")
+    body = yaml.safe_dump({"headroom": ceilings["headroom"], "guards": ceilings["guards"]},
+                          sort_keys=False)
+    lines = ["ceilings:"] + [f"- {{{', '.join(f'{k}: {v}' for k, v in e.items())}}}"
+                             for e in ceilings["ceilings"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(header + body + "\n".join(lines) + "\n")
 
 
 # -- output ---------------------------------------------------------------------------------
 
-def render(checks: list[Check]) -> str:
-    head = ("rule", "check", "rows", "value", "limit", "result")
-    body = [(c.rule, c.check, str(c.rows), c.value, c.limit, "pass" if c.ok else "FAIL")
-            for c in checks]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-    out = [line(head), line(tuple("-" * w for w in widths))]
-    for c, r in zip(checks, body):
-        out.append(line(r))
-        out += [f"    FAIL {d}" for d in c.details]
-    failed = sum(not c.ok for c in checks)
-    out.append(f"{len(checks)} checks: {len(checks) - failed} pass, {failed} FAIL")
+def render(findings: list[Finding]) -> str:
+    out = []
+    for check_name in ["ceiling", *GUARDS]:
+        mine = [f for f in findings if f.check == check_name]
+        if not mine and check_name != "ceiling":
+            continue
+        failed = [f for f in mine if not f.ok]
+        title = "ceilings" if check_name == "ceiling" else GUARDS[check_name]
+        out.append(f"{title}: {len(mine) - len(failed)} of {len(mine)} pass")
+        out += [f"  FAIL {f.point}: {f.detail}" for f in failed]
+    failed = sum(not f.ok for f in findings)
+    out.append(f"{len(findings)} checks: {len(findings) - failed} pass, {failed} FAIL")
     return "\n".join(out)
 
 
@@ -296,21 +282,47 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     parser = _Parser(prog="python -m bench.ceilings",
                      description="Check result rows against memory ceilings (exit 0 all pass, "
-                                 "1 a check failed, 2 bad input).")
-    parser.add_argument("results", help="results folder, or a table .csv / .parquet")
-    parser.add_argument("ceilings", nargs="*", default=[str(DEFAULT_CEILINGS)],
-                        help="ceilings YAML files (default: conf/ceilings/cpu_small.yaml)")
+                                 "1 a check failed, 2 bad input), or rewrite the ceilings.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("check", help="check RESULTS against the ceilings file")
+    run.add_argument("results", help="results folder, or a table .csv / .parquet")
+    run.add_argument("--ceilings", default=str(DEFAULT_CEILINGS),
+                     help="ceilings YAML (default: conf/ceilings/ci.yaml)")
+    run.add_argument("--update", action="store_true",
+                     help="rewrite the ceilings file from RESULTS instead of failing")
+    run.add_argument("--headroom", type=float, default=None,
+                     help="with --update: the fraction added to each measured value (default: the "
+                          "file's, else 0.05)")
     args = parser.parse_args(argv)
+    if args.headroom is not None and not (args.update and 0 <= args.headroom < 10):
+        parser.error("--headroom goes with --update and is a fraction >= 0 (0.05 is 5 %)")
     try:
         df = load_results(args.results)
-        rules = [rule for path in args.ceilings for rule in load_ceilings(path)]
-        checks = check(df, rules)
+        path = Path(args.ceilings)
+        old = load_ceilings(path) if not args.update or path.exists() else None
+        if args.update:
+            headroom = args.headroom if args.headroom is not None else (
+                (old or {}).get("headroom") or 0.05)
+            guards = (old or {}).get("guards") or {"melt_flat_in_loops": 0.02,
+                                                   "ouro_kv_is_loops_x_standard": True,
+                                                   "melt_kv_is_standard": True}
+            new = updated(df, headroom, guards)
+            findings = check(df, new)  # the guards must hold before the file changes
+            if not all(f.ok for f in findings):
+                print(render(findings))
+                print(f"{path}: not updated: a guard fails on these results", file=sys.stderr)
+                return 1
+            write_ceilings(path, new, str(args.results))
+            print(f"{path}: {len(new['ceilings'])} ceilings from {len(df)} rows "
+                  f"(headroom {headroom:g}); guards pass ({len(findings)} checks)")
+            return 0
+        findings = check(df, old)
     except CeilingError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.results}: {len(df)} rows; ceilings: {', '.join(args.ceilings)}")
-    print(render(checks))
-    return 0 if all(c.ok for c in checks) else 1
+    print(f"{args.results}: {len(df)} rows; ceilings: {args.ceilings}")
+    print(render(findings))
+    return 0 if all(f.ok for f in findings) else 1
 
 
 if __name__ == "__main__":

@@ -5,162 +5,151 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.ceilings import CeilingError, check, load_ceilings, load_results, main
 from bench.results import write_row
 
-MIB = 2**20
 ROOT = Path(__file__).resolve().parent.parent
+KV = 1_000_000  # the standard model's KV bytes in these rows
 
 
-def _row(model, loops, seq_len, peak_mib, decode_mib=None, status="ok", **kw):
+def _row(model, loops, seq_len, peak, decode=None, status="ok", **kw):
     row = dict(model=model, size="small", loops=loops, seq_len=seq_len, batch=1, new_tokens=8,
                scenario="generate", dtype="float32", device="cpu", probe="tracked", status=status,
                timestamp="2026-01-01T00:00:00+00:00")
     if status == "ok":
-        row.update(peak_bytes=int(peak_mib * MIB),
-                   peak_decode_bytes=int((decode_mib or peak_mib / 2) * MIB))
+        slots = loops if model == "ouro" else 1
+        row.update(peak_bytes=peak, peak_decode_bytes=decode or peak // 2,
+                   kv_bytes_measured=slots * KV * seq_len // 256)
     return {**row, **kw}
 
 
-def _sweep(tmp_path, *extra):
-    """A folder of rows: MELT flat in loops, the LoopLM growing with them; plus `extra` rows."""
-    rows = [_row("melt", n, s, 40 + s / 256) for n in (1, 2, 4) for s in (256, 1024)]
-    rows += [_row("ouro", n, s, 30 + n * s / 64) for n in (1, 2, 4) for s in (256, 1024)]
-    for i, row in enumerate([*rows, *extra]):
+def _rows():
+    """MELT flat in loops, the LoopLM's KV growing with them, a standard model at each length."""
+    rows = [_row("melt", n, s, 40_000_000 + s) for n in (1, 4) for s in (256, 1024)]
+    rows += [_row("ouro", n, s, 30_000_000 + n * s * 1000) for n in (1, 4) for s in (256, 1024)]
+    rows += [_row("standard", 1, s, 30_000_000 + s) for s in (256, 1024)]
+    return rows
+
+
+def _folder(tmp_path, rows):
+    for i, row in enumerate(rows):
         write_row(tmp_path / "sweep" / "points" / str(i), row)
     return tmp_path / "sweep"
 
 
-def _ceilings(tmp_path, text, name="ceilings.yaml"):
-    path = tmp_path / name
-    path.write_text(text)
+def _update(tmp_path, folder, headroom="0.05"):
+    path = tmp_path / "ceilings.yaml"
+    assert main(["check", str(folder), "--ceilings", str(path), "--update", "--headroom", headroom]) == 0
     return path
 
 
-RULES = """
-- name: melt
-  where: "model == 'melt'"
-  peak_bytes: 50
-  peak_decode_bytes: 25
-- where: "model == 'melt'"
-  flat_in: loops
-  tolerance: 0.02
-  columns: [peak_bytes, peak_decode_bytes]
-- where: "model == 'ouro' and seq_len == 1024 and loops == 4"
-  peak_bytes: 100
-"""
-
-
-def _run(tmp_path, results, text=RULES):
-    df = load_results(results)
-    return check(df, load_ceilings(_ceilings(tmp_path, text)))
-
-
-def test_all_pass(tmp_path, capsys):
-    checks = _run(tmp_path, _sweep(tmp_path))
-    assert [c.check for c in checks] == ["peak_bytes", "peak_decode_bytes",
-                                         "peak_bytes flat in loops",
-                                         "peak_decode_bytes flat in loops", "peak_bytes"]
-    assert all(c.ok for c in checks) and checks[0].rows == 6 and checks[2].value == "1.0000 max/min"
-    assert main([str(_sweep(tmp_path)), str(tmp_path / "ceilings.yaml")]) == 0
+def test_update_then_check_passes_and_limits_are_measured_plus_headroom(tmp_path, capsys):
+    folder = _folder(tmp_path, _rows())
+    path = _update(tmp_path, folder)
+    ceilings = load_ceilings(path)
+    assert ceilings["headroom"] == 0.05 and len(ceilings["ceilings"]) == len(_rows())
+    melt = next(e for e in ceilings["ceilings"] if e["model"] == "melt" and e["seq_len"] == 1024
+                and e["loops"] == 4)
+    assert melt["peak_bytes"] == -(-(40_000_000 + 1024) * 105 // 100)  # ceil(measured x 1.05)
+    assert main(["check", str(folder), "--ceilings", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "melt (ceilings.yaml#1)" in out and "5 checks: 5 pass, 0 FAIL" in out
+    assert "ceilings: 20 of 20 pass" in out and "0 FAIL" in out
+    assert "MELT peak flat in loops: 4 of 4 pass" in out
+    assert "LoopLM KV = loops x standard: 4 of 4 pass" in out and "MELT KV = standard: 4 of 4 pass" in out
 
 
-def test_absolute_ceiling_fails_and_names_the_row(tmp_path, capsys):
-    results = _sweep(tmp_path)
-    checks = _run(tmp_path, results, RULES.replace("peak_bytes: 100", "peak_bytes: 90"))
-    failed = [c for c in checks if not c.ok]
-    assert len(failed) == 1 and failed[0].value == "94.00 MiB" and failed[0].limit == "<= 90 MiB"
-    assert failed[0].details == ["model=ouro loops=4 seq_len=1024: peak_bytes 94.00 MiB > 90 MiB"]
-    assert main([str(results), str(tmp_path / "ceilings.yaml")]) == 1
-    assert "FAIL model=ouro loops=4 seq_len=1024" in capsys.readouterr().out
+def test_a_regression_is_reported_with_point_bytes_ceiling_and_excess(tmp_path, capsys):
+    path = _update(tmp_path, _folder(tmp_path / "before", _rows()), headroom="0")
+    rows = _rows()
+    rows[3]["peak_bytes"] = int(rows[3]["peak_bytes"] * 1.10)  # melt loops=4 seq_len=1024: +10 %
+    findings = check(load_results(_folder(tmp_path / "after", rows)), load_ceilings(path))
+    failed = [f for f in findings if not f.ok]
+    assert [(f.check, f.point) for f in failed] == [
+        ("ceiling", "model=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate dtype=float32 "
+                    "probe=tracked"),
+        ("melt_flat_in_loops", "model=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate "
+                               "dtype=float32 probe=tracked")]
+    assert "44,001,126 B, ceiling 40,001,024 B (+10.00 %)" in failed[0].detail
+    assert main(["check", str(tmp_path / "after" / "sweep"), "--ceilings", str(path)]) == 1
+    assert "FAIL model=melt" in capsys.readouterr().out
 
 
-def test_flat_in_fails_when_the_peak_grows_with_depth(tmp_path):
-    grown = _row("melt", 8, 1024, 44 * 1.03)  # 3 % above the other depths at 1024
-    checks = _run(tmp_path, _sweep(tmp_path, grown))
-    flat = [c for c in checks if c.check == "peak_bytes flat in loops"][0]
-    assert not flat.ok and flat.value == "1.0300 max/min" and flat.limit == "<= 1.02"
-    assert flat.details == ["model=melt loops=8 seq_len=1024: peak_bytes 45.32 MiB is 1.0300x "
-                            "that at loops=1 (44.00 MiB)"]
-    # each length is its own group: 256 still passes, and a wider tolerance lets 1024 pass
-    assert all(c.ok for c in _run(tmp_path, _sweep(tmp_path, grown),
-                                  RULES.replace("tolerance: 0.02", "tolerance: 0.05")))
+def test_kv_guards_catch_a_cache_that_grows_with_loops(tmp_path):
+    path = _update(tmp_path, _folder(tmp_path / "before", _rows()))
+    rows = _rows()
+    rows[2]["kv_bytes_measured"] *= 4  # melt loops=4 seq_len=256 keeps one slot per loop
+    failed = [f for f in check(load_results(_folder(tmp_path / "after", rows)), load_ceilings(path))
+              if not f.ok]
+    assert [f.check for f in failed] == ["melt_kv_is_standard"]
+    assert "loops=4 seq_len=256" in failed[0].point
 
 
-@pytest.mark.parametrize("status", ["oom", "error"])
-def test_oom_or_error_row_fails_the_rule(tmp_path, status):
-    bad = _row("melt", 8, 4096, None, status=status, error="OutOfMemoryError: out of memory")
-    checks = _run(tmp_path, _sweep(tmp_path, bad))
-    failed = [c for c in checks if not c.ok]
-    # both MELT rules match the row, and both fail on it; the rows measured still pass
-    assert [(c.rule, c.check) for c in failed] == [("melt (ceilings.yaml#1)", "status"),
-                                                   ("ceilings.yaml#2", "status")]
-    assert failed[0].value == f"1 {status}" and failed[0].limit == "ok"
-    assert failed[0].details == [f"model=melt loops=8 seq_len=4096: status {status} "
-                                 "(OutOfMemoryError: out of memory)"]
+def test_missing_points_and_failed_rows_fail(tmp_path):
+    path = _update(tmp_path, _folder(tmp_path / "before", _rows()))
+    rows = _rows()
+    rows[0] = _row("melt", 1, 256, 0, status="oom", error="OutOfMemoryError: simulated")
+    del rows[1]
+    failed = [f for f in check(load_results(_folder(tmp_path / "after", rows)), load_ceilings(path))
+              if not f.ok]
+    assert ("status oom: OutOfMemoryError: simulated" in failed[0].detail and "loops=1" in failed[0].point)
+    assert any("not in the results" in f.detail and "loops=1 seq_len=1024" in f.point for f in failed)
 
 
-def test_rule_matching_no_row_is_an_error(tmp_path):
-    match = r"ceilings.yaml#1: where \"model == 'mlet'\" matches no row"
-    with pytest.raises(CeilingError, match=match):
-        _run(tmp_path, _sweep(tmp_path), "- where: \"model == 'mlet'\"\n  peak_bytes: 50\n")
+def test_update_refuses_results_that_break_a_guard(tmp_path):
+    rows = _rows()
+    rows[3]["peak_bytes"] *= 2  # MELT no longer flat in loops
+    path = tmp_path / "ceilings.yaml"
+    assert main(["check", str(_folder(tmp_path, rows)), "--ceilings", str(path), "--update"]) == 1
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("text, message", [
-    ("- where: \"modle == 'melt'\"\n  peak_bytes: 50\n", "bad where .*name 'modle' is not defined"),
-    ("- where: \"model == \"\n  peak_bytes: 50\n", "bad where"),
-    ("- where: \"seq_len\"\n  peak_bytes: 50\n", "is not a condition"),
-    ("- where: \"model == 'melt'\"\n  peak_byte: 50\n", "unknown key 'peak_byte'"),
-    ("- where: \"model == 'melt'\"\n  decode_tokens_per_s: 50\n", "unknown key"),
-    ("- where: \"model == 'melt'\"\n  peak_bytes: -1\n", "a number > 0"),
-    ("- where: \"model == 'melt'\"\n", "no check"),
-    ("- where: \"model == 'melt'\"\n  flat_in: loop\n  columns: [peak_bytes]\n",
-     "flat_in: unknown column 'loop'"),
-    ("- where: \"model == 'melt'\"\n  flat_in: loops\n", "flat_in needs 'columns'"),
-    ("- where: \"model == 'melt' and loops == 1\"\n  flat_in: loops\n  columns: [peak_bytes]\n",
-     "no group of matching ok rows has two values of loops"),
-    ("- peak_bytes: 50\n", "'where' is required"),
-    ("where: x\n", "expected a YAML list of rules"),
-    ("- where: [unclosed\n", r"bad YAML: .*\(line \d+, column \d+\)"),
+    ("- a\n", "expected a mapping with a 'ceilings' list"),
+    ("ceilings: []\nlimits: 1\n", "unknown key 'limits'"),
+    ("ceilings: []\nguards: {melt_flat: 0.02}\n", "unknown guard 'melt_flat'"),
+    ("ceilings: []\nguards: {melt_flat_in_loops: -1}\n", "melt_flat_in_loops: got -1"),
+    ("ceilings:\n- {model: melt}\n", "ceilings #1: missing size, loops"),
+    ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
+     " dtype: float32, probe: tracked}\n", "no limit"),
+    ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
+     " dtype: float32, probe: tracked, peak_bytes: 1.5}\n", "peak_bytes: got 1.5"),
+    ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
+     " dtype: float32, probe: tracked, peak_mib: 3}\n", "unknown key 'peak_mib'"),
+    ("ceilings: [\n", "bad YAML"),
 ])
-def test_bad_input_is_a_one_line_error(tmp_path, capsys, text, message):
-    results = _sweep(tmp_path)
-    with pytest.raises(CeilingError, match=message):
-        _run(tmp_path, results, text)
-    assert main([str(results), str(tmp_path / "ceilings.yaml")]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+def test_bad_ceilings_file_is_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(CeilingError, match=message.replace("(", r"\(")):
+        load_ceilings(path)
 
 
-def test_reads_a_table_file_and_several_ceilings_files(tmp_path):
-    table = tmp_path / "table.csv"
-    load_results(_sweep(tmp_path)).to_csv(table, index=False)
-    more = _ceilings(tmp_path, "- where: \"model == 'ouro'\"\n  peak_decode_bytes: 60\n", "b.yaml")
-    assert main([str(table), str(_ceilings(tmp_path, RULES)), str(more)]) == 0
-    with pytest.raises(CeilingError, match="no such file or folder"):
-        load_results(tmp_path / "missing")
+def test_two_rows_for_one_point_are_refused(tmp_path):
+    rows = _rows() + [_row("melt", 1, 256, 1, chunk_size=64)]
+    rows[0]["chunk_size"] = 500
+    with pytest.raises(CeilingError, match="differ in chunk_size"):
+        load_results(_folder(tmp_path, rows))
 
 
-def test_exit_codes_from_the_command_line(tmp_path):
-    results, ceilings = _sweep(tmp_path), _ceilings(tmp_path, RULES)
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "bench.ceilings", *map(str, args)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-    ok = run(results, ceilings)
-    assert ok.returncode == 0, ok.stderr
-    failed = run(results, _ceilings(tmp_path, RULES.replace("peak_bytes: 50", "peak_bytes: 41"),
-                                    "tight.yaml"))
-    assert failed.returncode == 1 and "FAIL" in failed.stdout
-    typo = _ceilings(tmp_path, "- where: \"model == 'x'\"\n  peak_bytes: 1\n", "x.yaml")
-    bad = run(results, typo)
-    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
+def test_command_line_exit_codes(tmp_path):
+    folder = _folder(tmp_path, _rows())
+    path = _update(tmp_path, folder)
+    cmd = [sys.executable, "-m", "bench.ceilings"]
+    ok = subprocess.run([*cmd, "check", str(folder), "--ceilings", str(path)], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run([*cmd, "check", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such file or folder" in bad.stderr
+    usage = subprocess.run([*cmd, "check", str(folder), "--headroom", "0.1"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert usage.returncode == 2 and "--headroom goes with --update" in usage.stderr
 
 
-def test_shipped_cpu_ceilings_pass_on_the_reference_run():
-    assert main([str(ROOT / "results/reference/cpu"),
-                 str(ROOT / "conf/ceilings/cpu_small.yaml")]) == 0
+def test_committed_ceilings_files_load():
+    for path in sorted((ROOT / "conf" / "ceilings").glob("*.yaml")):
+        ceilings = load_ceilings(path)
+        assert ceilings["ceilings"] and set(ceilings["guards"]) == {
+            "melt_flat_in_loops", "ouro_kv_is_loops_x_standard", "melt_kv_is_standard"}
+        assert yaml.safe_load(path.read_text())["headroom"] > 0
