@@ -61,3 +61,24 @@ def test_paper_table2_is_reproduced():
     # Our total is weights + KV. The paper's totals are 0.04-0.07 GB below the sum of its own
     # columns (MELT: 3.272 + 6.29 = 9.56, printed 9.49), so they are shown, not reproduced.
     assert (table["total GB ours"] == table["weights GB ours"] + table["KV 32K GB ours"]).all()
+
+
+def test_estimates_compare_fake_and_prediction_with_cuda_rows(tmp_path):
+    """bench.estimates on rows shaped as a GPU run would write them (no GPU here)."""
+    from bench.estimates import main
+    from bench.results import write_row
+
+    point = dict(model="melt", size="small", loops=4, seq_len=256, batch=1, new_tokens=4,
+                 scenario="generate", dtype="float32", device="cuda", status="ok",
+                 timestamp="2026-01-01T00:00:00+00:00", predicted_prefill_bytes=105,
+                 predicted_decode_bytes=50)
+    write_row(tmp_path / "cuda" / "p", {**point, "probe": "cuda", "peak_prefill_bytes": 100,
+                                        "peak_decode_bytes": 50})
+    write_row(tmp_path / "fake" / "p", {**point, "probe": "fake", "peak_prefill_bytes": 98,
+                                        "peak_decode_bytes": 51})
+    assert main([str(tmp_path / "cuda"), str(tmp_path / "fake")]) == 0
+    table = pd.read_csv(tmp_path / "cuda" / "estimate_vs_cuda.csv")
+    assert list(table.phase) == ["prefill", "decode"]
+    assert table["fake error %"].round(6).tolist() == [-2.0, 2.0]
+    assert table["predicted error %"].round(6).tolist() == [5.0, 0.0]
+    assert main([str(tmp_path / "fake"), str(tmp_path / "cuda")]) == 2  # no cuda rows there
