@@ -64,6 +64,9 @@ class BenchConfig:
     # A device memory cap in MiB: allocations past it raise an out-of-memory error, as a smaller
     # device would (the tracked probe checks live bytes; on CUDA it sets the allocator's fraction).
     mem_limit_mib: Optional[float] = None
+    # A checkpoint folder (config.json + model.safetensors, e.g. from train_melt.py): the model's
+    # weights and architecture come from it (model, loops and model options still apply on top).
+    checkpoint: Optional[str] = None
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
 
@@ -127,11 +130,14 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
         model_cfg = make_config(c.model, size=c.size, loops=c.loops, **c.model_options())
     except ValueError as e:  # the models package names the field and what is allowed
         raise ConfigError(str(e)) from None
+    if c.checkpoint is not None:
+        model_cfg = _checkpoint_config(c, model_cfg)
     needed = c.seq_len + (c.new_tokens if c.scenario != "prefill" else 0)
     if needed > model_cfg.max_position_embeddings:
         limit = model_cfg.max_position_embeddings
         what = "seq_len" if c.scenario == "prefill" else "seq_len + new_tokens"
-        raise _bad("seq_len", f"{what} = {needed} is past size {c.size}'s "
+        source = f"checkpoint {c.checkpoint}" if c.checkpoint else f"size {c.size}"
+        raise _bad("seq_len", f"{what} = {needed} is past {source}'s "
                    f"max_position_embeddings {limit}", f"seq_len <= {limit - needed + c.seq_len}")
     # The point as it will run: `standard` runs once whatever loops asks, a prefill decodes nothing,
     # and the options show the model's values (empty for options the model does not have).
@@ -139,6 +145,26 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
                for k, owner in MODEL_OPTIONS.items()}
     return dataclasses.replace(c, device=device, dtype=dtype, probe=probe, loops=model_cfg.loops,
                                new_tokens=0 if c.scenario == "prefill" else c.new_tokens, **options)
+
+
+def _checkpoint_config(c: BenchConfig, model_cfg):
+    """The config a checkpoint folder gives (its max positions bound seq_len); refuses a folder
+    without config.json before anything is built."""
+    import json
+    from pathlib import Path
+
+    path = Path(c.checkpoint)
+    if not (path / "config.json").is_file():
+        raise _bad("checkpoint", f"{c.checkpoint} has no config.json",
+                   "a folder written by save_pretrained (config.json + model.safetensors)")
+    try:
+        fields = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise _bad("checkpoint", f"{path / 'config.json'} is not JSON ({e})",
+                   "a folder written by save_pretrained") from None
+    model_cfg.max_position_embeddings = fields.get("max_position_embeddings",
+                                                   model_cfg.max_position_embeddings)
+    return model_cfg
 
 
 def _choice(field: str, value, allowed) -> None:
