@@ -1,0 +1,156 @@
+"""TrainConfig: the settings of train_melt.py (a Hydra structured config) and their checks.
+
+Every bad value raises models.ConfigError, whose message is one line:
+'<field>: <what was wrong>; allowed: <what is>'. resolve() runs before anything is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import List
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from models.config import ConfigError
+
+# The MELT runs of the results table: name -> (cache_update, phase 1?, alignment?, chunk-wise?).
+VARIANTS = {
+    "melt": ("gated", True, True, True),
+    "melt_last": ("last", True, True, True),
+    "melt_mean": ("mean", True, True, True),
+    "melt_ema": ("ema", True, True, True),
+    "melt_scalar": ("scalar", True, True, True),
+    "melt_no_interpolation": ("gated", False, True, True),
+    "melt_no_alignment": ("gated", True, False, True),
+    "melt_no_chunkwise": ("gated", True, True, False),
+}
+
+
+@dataclass
+class TaskSettings:
+    num_symbols: int = 8      # bindings per sequence (a random permutation of this many symbols)
+    chain: int = 3            # generated symbols per query block, each max_hops hops from the last
+    blocks: int = 8           # query blocks per sequence (the last is evaluated)
+    max_hops: int = 3         # hops of the evaluated block (earlier blocks draw 1..max_hops)
+
+
+@dataclass
+class ModelSettings:
+    num_hidden_layers: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_attention_heads: int = 4
+    loops: int = 4
+    max_position_embeddings: int = 2048
+
+
+@dataclass
+class TeacherSettings:
+    steps: int = 600
+    lr: float = 3e-3
+    warmup: int = 50
+    # N(0, init_std) init of the teacher's and the standard model's matrices. The models' default
+    # 0.02 (made for d = 2048) leaves these d = 64 models' attention scores near zero, a saddle the
+    # lookups take many hundred steps to leave; about 1/sqrt(d) trains at once.
+    init_std: float = 0.125
+
+
+@dataclass
+class MeltSettings:
+    chunk_size: int = 16          # chunk C for training, and the MELT checkpoint's prefill chunk
+    phase1_steps: int = 100       # interpolated transition, alpha 0 -> 1
+    phase2_steps: int = 100       # attention-aligned distillation
+    lr_pretrained: float = 3e-4   # the LoopLM's weights
+    lr_gate: float = 3e-3         # the latent gates
+    align_weight: float = 0.1
+    warmup: int = 10
+
+
+@dataclass
+class EvalSettings:
+    eval_size: int = 256          # held-out sequences
+    long_prompt_len: int = 1024   # prompt of the peak-memory generation
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "results/training"
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1              # torch CPU threads; 1 is fastest for these tiny models on a shared CPU
+    batch_size: int = 32
+    log_every: int = 50
+    reuse_teacher: bool = True    # a teacher checkpoint trained with the same settings is reused
+    variants: List[str] = field(default_factory=lambda: list(VARIANTS))
+    task: TaskSettings = field(default_factory=TaskSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    melt: MeltSettings = field(default_factory=MeltSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(name, f"got {value!r}", f"an integer >= {low}")
+
+
+def _positive_float(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(name, f"got {value!r}", "a number > 0")
+
+
+def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Check every setting; return the TrainConfig object. Raises ConfigError on the first bad one."""
+    c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    import torch
+
+    if c.device not in ("cpu", "cuda"):
+        raise ConfigError("device", f"unknown value {c.device!r}", "cpu | cuda")
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda asked for, but this machine has no CUDA GPU", "cpu")
+    for name in ("seed",):
+        _positive(name, getattr(c, name), allow_zero=True)
+    for name in ("threads", "batch_size", "log_every"):
+        _positive(name, getattr(c, name))
+    unknown = [v for v in c.variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError("variants", f"unknown variant {unknown[0]!r}", " | ".join(VARIANTS))
+    for group in ("task", "model", "teacher", "melt", "eval"):
+        for f in dataclasses.fields(getattr(c, group)):
+            value, name = getattr(getattr(c, group), f.name), f"{group}.{f.name}"
+            if f.type in ("int", int):
+                _positive(name, value, allow_zero=f.name in ("warmup", "phase1_steps", "phase2_steps"))
+            elif f.name == "align_weight":
+                if not isinstance(value, (int, float)) or value < 0:
+                    raise ConfigError(name, f"got {value!r}", "a number >= 0")
+            else:
+                _positive_float(name, value)
+    if c.task.num_symbols < 2:
+        raise ConfigError("task.num_symbols", f"got {c.task.num_symbols}", "an integer >= 2")
+    if c.model.hidden_size % c.model.num_attention_heads or (c.model.hidden_size // c.model.num_attention_heads) % 2:
+        raise ConfigError("model.num_attention_heads", f"{c.model.num_attention_heads} heads for hidden_size "
+                          f"{c.model.hidden_size}", "a divisor of hidden_size leaving an even head size")
+    from .task import TaskSpec
+
+    spec = task_spec(c)
+    if max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len) > c.model.max_position_embeddings:
+        raise ConfigError("model.max_position_embeddings", f"{c.model.max_position_embeddings} is shorter than "
+                          f"a sequence ({spec.seq_len}) or the long prompt ({c.eval.long_prompt_len} + "
+                          f"{spec.answer_len})", f">= {max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len)}")
+    if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
+        raise ConfigError("out_dir", f"{c.out_dir} is a file", "a folder (created if missing)")
+    return c
+
+
+def task_spec(c: TrainConfig):
+    from .task import TaskSpec
+
+    return TaskSpec(**dataclasses.asdict(c.task))
