@@ -72,7 +72,7 @@ def _pretrain(c: TrainConfig, arch: str, data: TaskData, folder: Path) -> tuple[
     data.reset(c.seed)
     start = time.perf_counter()
     train_lm(model, data, Schedule(c.teacher.steps, c.teacher.warmup, c.log_every), c.teacher.lr,
-             what="teacher" if arch == "ouro" else "standard")
+             exit_loss=c.teacher.exit_loss, what="teacher" if arch == "ouro" else "standard")
     wall = time.perf_counter() - start
     _save(model, folder, {"identity": ident, "train_wall_s": wall})
     return model, wall, False
@@ -98,6 +98,15 @@ def train_variant(c: TrainConfig, name: str, teacher: CausalLM, teacher_dir: Pat
         distill(student, teacher, data, Schedule(phase2_steps, m.warmup, c.log_every), phase=2,
                 align_weight=m.align_weight if align else 0.0, **common)
     return student, time.perf_counter() - start
+
+
+def describe(name: str) -> str:
+    cache_update, interpolate, align, chunkwise = VARIANTS[name]
+    parts = [f"cache_update={cache_update}"]
+    parts += [] if interpolate else ["no phase 1 (phase 2 gets its steps)"]
+    parts += [] if align else ["phase 2 without attention alignment"]
+    parts += [] if chunkwise else ["trained as one chunk (inference stays chunked)"]
+    return "; ".join(parts)
 
 
 def run(c: TrainConfig) -> list[dict]:
@@ -130,7 +139,9 @@ def run(c: TrainConfig) -> list[dict]:
     teacher, wall, reused = _pretrain(c, "ouro", data, teacher_dir)
     add("teacher", teacher, wall, teacher_dir, reused=reused)
     one_loop = OuroLM.from_pretrained(teacher_dir, device=c.device, loops=1)
-    add("teacher, 1-loop exit", one_loop, None, teacher_dir, note="loops=1 of the teacher's weights")
+    add("teacher, 1-loop exit", one_loop, None, teacher_dir,
+        note="loops=1 of the teacher's weights" + (" (an exit the loss did not train)"
+                                                    if c.teacher.exit_loss == "last" else ""))
     sharing = OuroLM.from_pretrained(teacher_dir, device=c.device, kv_sharing="last_loop")
     add("teacher, zero-shot last_loop sharing", sharing, None, teacher_dir,
         kv_per_token=one_loop.kv_bytes_per_token(),
@@ -141,12 +152,15 @@ def run(c: TrainConfig) -> list[dict]:
     torch.manual_seed(c.seed)
     zero_shot = MeltLM.from_pretrained(teacher_dir, device=c.device, chunk_size=c.melt.chunk_size)
     add("melt, zero-shot (fresh gates, no post-training)", zero_shot, None, None)
+    torch.manual_seed(c.seed)
+    add("melt, random weights", build_from_config(model_config(c, "melt", spec.vocab_size), device=c.device),
+        None, None, note="chance level")
 
     for name in c.variants:
         student, wall = train_variant(c, name, teacher, teacher_dir, data)
         folder = ckpt / name
         _save(student, folder, {"variant": name, "train_wall_s": wall, "melt": dataclasses.asdict(c.melt)})
-        add(name, student, wall, folder)
+        add(name, student, wall, folder, note=describe(name))
 
     teacher_acc, teacher_kv = rows[0]["accuracy"], rows[0]["kv_bytes_per_token"]
     for r in rows:
@@ -159,7 +173,7 @@ def run(c: TrainConfig) -> list[dict]:
 
 
 COLUMNS = ["row", "accuracy", "accuracy_vs_teacher", "heldout_loss", "kv_bytes_per_token", "kv_vs_teacher",
-           "peak_gen_bytes", "train_wall_s", "model", "loops", "cache_update", "kv_sharing", "checkpoint"]
+           "peak_gen_bytes", "train_wall_s", "model", "loops", "cache_update", "kv_sharing", "note", "checkpoint"]
 
 
 def write_results(out: Path, rows: list[dict], run_info: dict) -> None:

@@ -2,8 +2,10 @@
 phase 1 (interpolated transition) and phase 2 (attention-aligned distillation).
 
 Losses (positions: those that predict an answer or END; see task.targets):
-  teacher / standard: cross-entropy averaged over all loop exits (each exit is a valid model, so
-      the 1-loop exit is trained too and the depth comparison is fair)      (choice)
+  teacher / standard: cross-entropy of the last loop's exit (exit_loss=last), or averaged over
+      all exits (exit_loss=mean, Ouro-like). With shared weights the mean asks every loop to
+      give the answer already, which on this task keeps the teacher from using its depth (all
+      exits end up equal); with `last` the exits improve loop by loop      (choice)
   KD:    KL(teacher || student) at every loop exit, averaged over exits and positions
   align: mean over (layer, loop) of the mean squared error between the student's and the frozen
          teacher's attention sub-layer outputs (all positions)
@@ -28,10 +30,15 @@ from .task import TaskData, targets
 log = logging.getLogger("train")
 
 
-def exits_ce(out: LoopOutputs, target: torch.Tensor) -> torch.Tensor:
-    """Mean over loop exits of the cross-entropy at the answer positions (target -100 elsewhere)."""
+EXIT_LOSSES = ("last", "mean")
+
+
+def exits_ce(out: LoopOutputs, target: torch.Tensor, exit_loss: str = "mean") -> torch.Tensor:
+    """Cross-entropy at the answer positions (target -100 elsewhere) of the last exit, or the mean
+    over all loop exits."""
+    exits = out.exit_logits[-1:] if exit_loss == "last" else out.exit_logits
     return torch.stack([F.cross_entropy(lg.flatten(0, 1), target.flatten(), ignore_index=-100)
-                        for lg in out.exit_logits]).mean()
+                        for lg in exits]).mean()
 
 
 def kd_loss(student: LoopOutputs, teacher: LoopOutputs, mask: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,7 @@ def _progress(what: str, step: int, sched: Schedule, start: float, **values: flo
 
 
 def train_lm(model: CausalLM, data: TaskData, sched: Schedule, lr: float, weight_decay: float = 0.0,
-             what: str = "teacher") -> list[float]:
+             exit_loss: str = "last", what: str = "teacher") -> list[float]:
     """Pretrain a LoopLM (all loops in parallel over the full sequence) or the standard model on
     the task: CE averaged over loop exits. Returns the loss per step."""
     model.train()
@@ -109,7 +116,7 @@ def train_lm(model: CausalLM, data: TaskData, sched: Schedule, lr: float, weight
     for step in range(sched.steps):
         tokens, mask = data.next_batch()
         out = loop_forward(model, tokens, alpha=0.0)
-        loss = exits_ce(out, targets(tokens, mask))
+        loss = exits_ce(out, targets(tokens, mask), exit_loss)
         _step(opt, model, loss, sched, step)
         losses.append(loss.item())
         _progress(what, step, sched, start, loss=losses[-1])
