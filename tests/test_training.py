@@ -238,3 +238,15 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert again["accuracy"] == melt["accuracy"]                              # the checkpoint is what was measured
     assert melt["heldout_loss"] < chance["heldout_loss"] - 0.1
     assert melt["accuracy"] > chance["accuracy"]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "train" / "preset").glob("*.yaml")))
+def test_every_preset_composes_and_resolves(preset):
+    c = train_config.resolve(_compose(f"preset={preset}"))
+    assert c.variants and c.teacher.steps >= 1
+
+
+def test_default_config_resolves_to_the_documented_pipeline():
+    c = train_config.resolve(_compose())
+    assert c.variants == ["melt"] and c.model.loops == 4 and c.device == "cpu"
+    assert set(train_config.resolve(_compose("preset=ablations")).variants) == set(train_config.VARIANTS)
