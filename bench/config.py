@@ -64,8 +64,9 @@ class BenchConfig:
     # A device memory cap in MiB: allocations past it raise an out-of-memory error, as a smaller
     # device would (the tracked probe checks live bytes; on CUDA it sets the allocator's fraction).
     mem_limit_mib: Optional[float] = None
-    # A checkpoint folder (config.json + model.safetensors, e.g. from train_melt.py): the model's
-    # weights and architecture come from it (model, loops and model options still apply on top).
+    # A checkpoint folder (config.json + model.safetensors, e.g. from train_melt.py): weights,
+    # dimensions and model options come from it; `model`, `loops` and model options set here apply
+    # on top. `size` then only labels the row.
     checkpoint: Optional[str] = None
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
@@ -131,7 +132,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     except ValueError as e:  # the models package names the field and what is allowed
         raise ConfigError(str(e)) from None
     if c.checkpoint is not None:
-        model_cfg = _checkpoint_config(c, model_cfg)
+        model_cfg = _checkpoint_config(c)
     needed = c.seq_len + (c.new_tokens if c.scenario != "prefill" else 0)
     if needed > model_cfg.max_position_embeddings:
         limit = model_cfg.max_position_embeddings
@@ -147,24 +148,30 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
                                new_tokens=0 if c.scenario == "prefill" else c.new_tokens, **options)
 
 
-def _checkpoint_config(c: BenchConfig, model_cfg):
-    """The config a checkpoint folder gives (its max positions bound seq_len); refuses a folder
-    without config.json before anything is built."""
+def _checkpoint_config(c: BenchConfig):
+    """The model config a checkpoint folder gives, with this point's loops and explicitly set model
+    options on top (so a row shows the checkpoint's chunk_size, cache_update, ...). Refuses a
+    folder without a readable config.json before anything is built."""
     import json
     from pathlib import Path
 
+    from models import LoopConfig
+
     path = Path(c.checkpoint)
+    allowed = "a folder written by save_pretrained (config.json + model.safetensors)"
     if not (path / "config.json").is_file():
-        raise _bad("checkpoint", f"{c.checkpoint} has no config.json",
-                   "a folder written by save_pretrained (config.json + model.safetensors)")
+        raise _bad("checkpoint", f"{c.checkpoint} has no config.json", allowed)
     try:
         fields = json.loads((path / "config.json").read_text())
-    except ValueError as e:
-        raise _bad("checkpoint", f"{path / 'config.json'} is not JSON ({e})",
-                   "a folder written by save_pretrained") from None
-    model_cfg.max_position_embeddings = fields.get("max_position_embeddings",
-                                                   model_cfg.max_position_embeddings)
-    return model_cfg
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "arch"):
+            fields.pop(key, None)  # as CausalLM.from_pretrained does
+        if fields.get("rope_scaling", 0) is None:
+            fields.pop("rope_scaling")
+        model_cfg = LoopConfig(arch=c.model, **{**fields, **c.model_options()})
+        model_cfg.loops = 1 if c.model == "standard" else c.loops
+        return model_cfg.validate()
+    except ValueError as e:  # bad JSON, or a field the models refuse (named in the message)
+        raise _bad("checkpoint", f"{path / 'config.json'}: {e}", allowed) from None
 
 
 def _choice(field: str, value, allowed) -> None:

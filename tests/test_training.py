@@ -181,6 +181,7 @@ def test_checkpoint_round_trip_and_bench_loads_it(teacher_dir, tmp_path):
     row = measure(point)
     assert row["status"] == "ok", row["error"]
     assert row["checkpoint"] == str(tmp_path / "melt")
+    assert (row["chunk_size"], row["cache_update"], row["loops"]) == (8, "gated", 3)  # the checkpoint's
     assert row["weights_bytes"] == loaded.weights_bytes()
 
 
