@@ -88,6 +88,8 @@ def load_results(path: Path | str) -> pd.DataFrame:
         raise CeilingError(f"{path}: not a results folder, .csv or .parquet")
     if df.empty:
         raise CeilingError(f"{path}: no result rows")
+    if "checkpoint" not in df.columns:  # an identity column newer than tables written before it
+        df["checkpoint"] = None
     missing = [c for c in [*IDENTITY, "status"] if c not in df.columns]
     if missing:
         raise CeilingError(f"{path}: not a results table; missing columns {', '.join(missing)}")
