@@ -208,20 +208,31 @@ def test_bad_settings_are_one_line_naming_the_field(override, field):
     assert "\n" not in str(e.value)
 
 
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "train_melt.py"), "preset=quick", f"out_dir={out}",
+                           "melt.chunk_size=0", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == "train_melt.py: error: melt.chunk_size: got 0; allowed: an integer >= 1\n"
+    assert not out.exists() and not (tmp_path / "hydra").exists()
+
+
 @pytest.mark.parametrize("bad, line", [
-    ("melt.chunk_size=0", "melt.chunk_size: got 0; allowed: an integer >= 1"),
     ("melt.chunk_size=abc", "melt.chunk_size: Value 'abc' of type 'str' could not be converted to Integer; allowed: "),
     ("nosuch=1", "nosuch: not a setting of train_melt.py; allowed: out_dir, "),
     ("preset=nope", "preset: unknown value 'nope'; allowed: ablations | quick"),
 ])
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, bad, line):
-    out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(ROOT / "train_melt.py"), "preset=quick", f"out_dir={out}",
-                           bad, f"hydra.run.dir={tmp_path / 'hydra'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"train_melt.py: error: {line}")
-    assert not out.exists() and not (tmp_path / "hydra").exists()
+def test_preflight_makes_hydra_errors_one_line(capsys, bad, line):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train_melt
+    finally:
+        sys.path.remove(str(ROOT))
+    with pytest.raises(SystemExit) as e:
+        train_melt.preflight([bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"train_melt.py: error: {line}")
 
 
 def test_quick_pipeline_end_to_end(tmp_path):
