@@ -116,15 +116,15 @@ def _positive_float(name: str, value) -> None:
 
 def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """Check every setting; return the TrainConfig object. Raises ConfigError on the first bad one."""
-    c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     import torch
+
+    c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
 
     if c.device not in ("cpu", "cuda"):
         raise ConfigError("device", f"unknown value {c.device!r}", "cpu | cuda")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda asked for, but this machine has no CUDA GPU", "cpu")
-    for name in ("seed",):
-        _positive(name, getattr(c, name), allow_zero=True)
+    _positive("seed", c.seed, allow_zero=True)
     for name in ("threads", "batch_size", "log_every"):
         _positive(name, getattr(c, name))
     unknown = [v for v in c.variants if v not in VARIANTS]
@@ -149,8 +149,6 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if c.model.hidden_size % c.model.num_attention_heads or (c.model.hidden_size // c.model.num_attention_heads) % 2:
         raise ConfigError("model.num_attention_heads", f"{c.model.num_attention_heads} heads for hidden_size "
                           f"{c.model.hidden_size}", "a divisor of hidden_size leaving an even head size")
-    from .task import TaskSpec
-
     spec = task_spec(c)
     if max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len) > c.model.max_position_embeddings:
         raise ConfigError("model.max_position_embeddings", f"{c.model.max_position_embeddings} is shorter than "
@@ -161,7 +159,8 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
     return c
 
 
-def task_spec(c: TrainConfig):
+def task_spec(c: TrainConfig) -> "TaskSpec":
+    """The task of the config's `task` settings (training.task.TaskSpec)."""
     from .task import TaskSpec
 
     return TaskSpec(**dataclasses.asdict(c.task))
