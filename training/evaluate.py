@@ -26,7 +26,7 @@ from .task import TaskSpec, targets
 def accuracy(model: CausalLM, spec: TaskSpec, tokens: torch.Tensor, batch_size: int = 128) -> float:
     """Fraction of held-out sequences whose generated answer block equals the true one."""
     hits = 0
-    for rows in torch.split(tokens, batch_size):
+    for rows in torch.split(tokens.to(model.device), batch_size):
         generated = model.generate(rows[:, :spec.prompt_len], spec.answer_len)     # [b, seq_len]
         hits += (generated[:, spec.prompt_len:] == rows[:, spec.prompt_len:]).all(1).sum().item()
     return hits / tokens.shape[0]
@@ -35,6 +35,7 @@ def accuracy(model: CausalLM, spec: TaskSpec, tokens: torch.Tensor, batch_size: 
 @torch.no_grad()
 def heldout_loss(model: CausalLM, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 128) -> float:
     total, count = 0.0, 0
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
     for rows, m in zip(torch.split(tokens, batch_size), torch.split(mask, batch_size)):
         logits = model(rows)                                                         # [b, L, V]
         target = targets(rows, m)

@@ -114,7 +114,7 @@ def train_lm(model: CausalLM, data: TaskData, sched: Schedule, lr: float, weight
     opt = _optimizer([{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}])
     start, losses = time.perf_counter(), []
     for step in range(sched.steps):
-        tokens, mask = data.next_batch()
+        tokens, mask = (t.to(model.device) for t in data.next_batch())
         out = loop_forward(model, tokens, alpha=0.0)
         loss = exits_ce(out, targets(tokens, mask), exit_loss)
         _step(opt, model, loss, sched, step)
@@ -150,7 +150,7 @@ def distill(student: CausalLM, teacher: CausalLM, data: TaskData, sched: Schedul
     opt = _optimizer(param_groups(student, lr_pretrained, lr_gate, weight_decay))
     start, losses = time.perf_counter(), []
     for step in range(sched.steps):
-        tokens, mask = data.next_batch()
+        tokens, mask = (t.to(student.device) for t in data.next_batch())
         alpha = step / max(1, sched.steps - 1) if phase == 1 else 1.0
         loss, parts = distill_loss(student, teacher, tokens, mask, alpha=alpha, chunk_size=chunk_size,
                                    align_weight=align_weight if phase == 2 else 0.0)
