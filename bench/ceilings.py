@@ -72,6 +72,8 @@ def load_results(path: Path | str) -> pd.DataFrame:
         raise CeilingError(f"{path}: no such file or folder")
     else:
         raise CeilingError(f"{path}: not a results folder, .csv or .parquet")
+    if "checkpoint" not in df.columns:  # an identity column newer than tables written before it
+        df["checkpoint"] = None
     missing = [c for c in [*IDENTITY, "status", *LIMITED] if c not in df.columns]
     if df.empty or missing:
         raise CeilingError(f"{path}: not a results table; "

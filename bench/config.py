@@ -64,6 +64,10 @@ class BenchConfig:
     # A device memory cap in MiB: allocations past it raise an out-of-memory error, as a smaller
     # device would (the tracked probe checks live bytes; on CUDA it sets the allocator's fraction).
     mem_limit_mib: Optional[float] = None
+    # A checkpoint folder (config.json + model.safetensors, e.g. from train_melt.py): weights,
+    # dimensions and model options come from it; `model`, `loops` and model options set here apply
+    # on top. `size` then only labels the row.
+    checkpoint: Optional[str] = None
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
 
@@ -123,15 +127,13 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     dtype = c.dtype if c.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     probe = c.probe if c.probe != "auto" else ("cuda" if device == "cuda" else "tracked")
 
-    try:
-        model_cfg = make_config(c.model, size=c.size, loops=c.loops, **c.model_options())
-    except ValueError as e:  # the models package names the field and what is allowed
-        raise ConfigError(str(e)) from None
+    model_cfg = model_config(c)
     needed = c.seq_len + (c.new_tokens if c.scenario != "prefill" else 0)
     if needed > model_cfg.max_position_embeddings:
         limit = model_cfg.max_position_embeddings
         what = "seq_len" if c.scenario == "prefill" else "seq_len + new_tokens"
-        raise _bad("seq_len", f"{what} = {needed} is past size {c.size}'s "
+        source = f"checkpoint {c.checkpoint}" if c.checkpoint else f"size {c.size}"
+        raise _bad("seq_len", f"{what} = {needed} is past {source}'s "
                    f"max_position_embeddings {limit}", f"seq_len <= {limit - needed + c.seq_len}")
     # The point as it will run: `standard` runs once whatever loops asks, a prefill decodes nothing,
     # and the options show the model's values (empty for options the model does not have).
@@ -139,6 +141,42 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
                for k, owner in MODEL_OPTIONS.items()}
     return dataclasses.replace(c, device=device, dtype=dtype, probe=probe, loops=model_cfg.loops,
                                new_tokens=0 if c.scenario == "prefill" else c.new_tokens, **options)
+
+
+def model_config(c: BenchConfig):
+    """The models.LoopConfig a point builds: its size preset with its loops and options, or its
+    checkpoint's config with those on top."""
+    try:
+        model_cfg = make_config(c.model, size=c.size, loops=c.loops, **c.model_options())
+    except ValueError as e:  # the models package names the field and what is allowed
+        raise ConfigError(str(e)) from None
+    return model_cfg if c.checkpoint is None else _checkpoint_config(c)
+
+
+def _checkpoint_config(c: BenchConfig):
+    """The model config a checkpoint folder gives, with this point's loops and explicitly set model
+    options on top (so a row shows the checkpoint's chunk_size, cache_update, ...). Refuses a
+    folder without a readable config.json before anything is built."""
+    import json
+    from pathlib import Path
+
+    from models import LoopConfig
+
+    path = Path(c.checkpoint)
+    allowed = "a folder written by save_pretrained (config.json + model.safetensors)"
+    if not (path / "config.json").is_file():
+        raise _bad("checkpoint", f"{c.checkpoint} has no config.json", allowed)
+    try:
+        fields = json.loads((path / "config.json").read_text())
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "arch"):
+            fields.pop(key, None)  # as CausalLM.from_pretrained does
+        if fields.get("rope_scaling", 0) is None:
+            fields.pop("rope_scaling")
+        model_cfg = LoopConfig(arch=c.model, **{**fields, **c.model_options()})
+        model_cfg.loops = 1 if c.model == "standard" else c.loops
+        return model_cfg.validate()
+    except ValueError as e:  # bad JSON, or a field the models refuse (named in the message)
+        raise _bad("checkpoint", f"{path / 'config.json'}: {e}", allowed) from None
 
 
 def _choice(field: str, value, allowed) -> None:

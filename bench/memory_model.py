@@ -63,10 +63,6 @@ class Prediction:
                 "predicted_peak_bytes": max(phases)}
 
 
-def config_of(model: str, size: str, loops: int, **options):
-    return make_config(model, size=size, loops=loops, **options)
-
-
 def num_parameters(c) -> int:
     """Parameters of a model of config `c` (models/: layers.py, ouro.py, melt.py)."""
     d, f, N = c.hidden_size, c.intermediate_size, c.num_hidden_layers
@@ -105,9 +101,23 @@ def pass_bytes(c, batch: int, tokens: int, dtype: torch.dtype) -> int:
 
 def predict(model: str, size: str, loops: int, seq_len: int, batch: int, new_tokens: int,
             dtype: str | torch.dtype, scenario: str = "generate", **options) -> Prediction:
-    """The prediction for one point (the fields of a resolved BenchConfig)."""
+    """The prediction for one point of a size preset."""
+    return predict_config(make_config(model, size=size, loops=loops, **options), seq_len, batch,
+                          new_tokens, dtype, scenario)
+
+
+def predict_point(point) -> Prediction:
+    """predict() for a resolved bench.config.BenchConfig (its checkpoint's config if it has one)."""
+    from .config import model_config
+
+    return predict_config(model_config(point), point.seq_len, point.batch, point.new_tokens,
+                          point.dtype, point.scenario)
+
+
+def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | torch.dtype,
+                   scenario: str = "generate") -> Prediction:
+    """The prediction for a model of config `c` (models.LoopConfig) at one point."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    c = config_of(model, size, loops, **options)
     b = dtype.itemsize
     length = seq_len + (new_tokens if scenario != "prefill" else 0)
     kv = kv_bytes(c, batch, length, dtype)
@@ -131,9 +141,3 @@ def predict(model: str, size: str, loops: int, seq_len: int, batch: int, new_tok
         prefill = ids + prompt + pass_bytes(c, batch, seq_len, dtype) + exits + latents + logits
     decode = ids + pass_bytes(c, batch, 1, dtype) + 2 * logits  # this step's and the last step's logits
     return Prediction(num_parameters(c) * b, kv, kv_decode, prefill, decode)
-
-
-def predict_point(point) -> Prediction:
-    """predict() for a resolved bench.config.BenchConfig."""
-    return predict(point.model, point.size, point.loops, point.seq_len, point.batch,
-                   point.new_tokens, point.dtype, point.scenario, **point.model_options())

@@ -20,7 +20,7 @@ TABLE_FILE = "table.parquet"
 # A point is identified by these; a sweep skips a point whose identity already has a result
 # measured by the same code (git_sha, see find_measured and same_code).
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
-            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib", "seed"]
+            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint"]
 STATUS = ["status", "error"]
 MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",

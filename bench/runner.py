@@ -91,12 +91,18 @@ def _measure(p: BenchConfig) -> dict:
 def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
     """Build the model, warm up (first calls allocate library workspaces), then one prefill and
     one decode, each under its own peak. -> (the scenario, for timing; the memory columns)."""
-    from models import build_model  # imported on use: configs compose without building anything
+    import models  # imported on use: configs compose without building anything
+    from models import build_model
 
     decodes = p.scenario != "prefill"
     with probe.session():
-        model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
-                            device=p.device, **p.model_options())
+        if p.checkpoint is None:
+            model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
+                                device=p.device, **p.model_options())
+        else:  # trained weights (train_melt.py); loops and model options apply on top
+            model = models.MODEL_CLASSES[p.model].from_pretrained(
+                p.checkpoint, dtype=getattr(torch, p.dtype), device=p.device, loops=p.loops,
+                **p.model_options())
         baseline = probe.current_bytes()
         prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
         run = Scenario(model, prompt, p.new_tokens)
