@@ -1,0 +1,103 @@
+"""Issue 6 in the benchmark: the hf_llama peer row, the utilization columns against the measured
+machine limits, compile settings, and the capacity search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from bench import env, roofline
+from bench.config import BenchConfig, ConfigError, resolve
+from bench.runner import decode_bytes_per_step, measure
+
+
+def _point(**kw):
+    base = dict(size="tiny", seq_len=48, new_tokens=3, repeats=1, warmup=0)
+    return resolve(BenchConfig(**{**base, **kw}))
+
+
+def test_hf_llama_row_through_the_same_probe_and_timers():
+    row = measure(_point(model="hf_llama", loops=4, scenario="generate"))
+    assert row["status"] == "ok", row["error"]
+    assert row["loops"] == 1 and row["compile"] is False
+    # DynamicCache allocates as it grows: at the end it holds exactly the analytic layout
+    assert row["kv_bytes_measured"] == row["kv_bytes_analytic"] > 0
+    assert row["kv_bytes_per_token"] == models.build_model("standard", "tiny").kv_bytes_per_token()
+    assert row["peak_decode_bytes"] > row["weights_bytes"] + row["kv_bytes_measured"] // 2
+    assert row["decode_tokens_per_s"] > 0 and row["bandwidth_utilization"] > 0
+
+
+def test_hf_llama_under_the_fake_probe_is_a_clear_error_row():
+    row = measure(_point(model="hf_llama", probe="fake"))
+    assert row["status"] == "error"
+    assert "probe: fake cannot run hf_llama" in row["error"] and "allowed: tracked | cuda" in row["error"]
+
+
+def test_bandwidth_utilization_is_bytes_times_steps_over_the_measured_copy_rate():
+    p = _point(model="ouro", loops=2, scenario="decode")
+    row = measure(p)
+    assert row["copy_bytes_per_s"] > 0 and row["matmul_flops_per_s"] > 0
+    model = models.build_model("ouro", "tiny", loops=2)
+    steps_per_s = row["decode_tokens_per_s"] / p.batch
+    expected = decode_bytes_per_step(model, p) * steps_per_s / row["copy_bytes_per_s"]
+    assert row["bandwidth_utilization"] == pytest.approx(expected, rel=1e-9)
+    assert row["decode_bound"] in ("weights", "kv", "compute")
+    assert row["prefill_utilization"] > 0 and row["prefill_bound"] in ("weights", "kv", "compute")
+
+
+def test_roofline_terms_and_bounds():
+    """Decode reads the layers once per loop, and T slots x layers of KV over the context."""
+    p = _point(model="ouro", loops=4, seq_len=100, new_tokens=1, batch=2)
+    ouro = models.build_model("ouro", "tiny", loops=4)
+    c = ouro.config
+    terms = roofline.decode_terms(ouro, p)
+    table = c.vocab_size * c.hidden_size * 4
+    assert terms["weights"] == 4 * (ouro.weights_bytes() - 2 * table) + table
+    assert terms["kv"] == 4 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4 * 100 * 2
+    melt = models.build_model("melt", "tiny", loops=4)
+    assert roofline.decode_terms(melt, p)["kv"] == terms["kv"]  # every loop reads every past row
+    bw, mm = 1e10, 1e11
+    assert roofline.bound(dict(weights=1e6, kv=1e3, flops=1e3), bw, mm) == "weights"
+    assert roofline.bound(dict(weights=1e6, kv=1e8, flops=1e3), bw, mm) == "kv"
+    assert roofline.bound(roofline.prefill_terms(ouro, _point(model="ouro", seq_len=1000)), bw, mm) == "compute"
+
+
+def test_env_limits_are_measured_once():
+    first = env.copy_bytes_per_s("cpu")
+    assert first > 1e8 and env.copy_bytes_per_s("cpu") is first  # cached: once per run
+    assert env.matmul_flops_per_s("cpu", "float32") > 1e8
+
+
+def test_compiled_timing_pass(monkeypatch):
+    """compile=true on CPU: the timed decode runs the compiled step (aot_eager here, for speed)."""
+    calls = []
+    original = models.CausalLM.compiled_decode_step
+
+    def compiled(self, mode=None, backend="inductor"):
+        calls.append(mode)
+        return original(self, mode=mode, backend="aot_eager")
+
+    monkeypatch.setattr(models.CausalLM, "compiled_decode_step", compiled)
+    row = measure(_point(model="melt", loops=2, scenario="decode", compile=True))
+    assert row["status"] == "ok", row["error"]
+    assert row["compile"] is True and calls == [None] and row["decode_tokens_per_s"] > 0
+
+
+def test_compile_is_auto_off_on_cpu_and_never_for_the_peer():
+    assert _point(model="melt").compile is False
+    assert _point(model="melt", compile=True).compile is True
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(model="hf_llama", compile=True), "compile"),
+    (dict(budget_gb=1.0), "budget_gb"),
+    (dict(capacity=True, budget_gb=-1.0), "budget_gb"),
+    (dict(capacity=True), "budget_gb"),  # on a CPU there is no free memory to default to
+    (dict(capacity=True, budget_gb=1.0, scenario="prefill"), "scenario"),
+    (dict(capacity=True, budget_gb=1.0, mem_limit_mib=10.0), "mem_limit_mib"),
+    (dict(model="llama"), "model"),
+])
+def test_bad_speed_settings_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: .*; allowed: "):
+        _point(**kw)
