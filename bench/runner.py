@@ -36,6 +36,14 @@ def run(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     job_num = hc.job.num if multirun else 0
+    if point.capacity:  # a search over batch (bench/capacity.py); it always runs, never resumes
+        from . import capacity
+
+        row = capacity.search(point, Path(hc.runtime.output_dir), measure)
+        write_row(Path(hc.runtime.output_dir), row)
+        _progress(job_num, row, f"{row['status']}, largest batch within the budget: "
+                                f"{row['capacity_max_batch']}")
+        return row
     again = ""
     if multirun:
         sha = env.info()["git_sha"]
