@@ -3,6 +3,8 @@ captures it whole and gives the same logits, and MELT's fused gate is the paper'
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -72,11 +74,14 @@ def test_compiled_step_captures_whole_and_matches_eager(name, options):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_inductor_compiled_melt_matches_eager():
-    """The real compiler (inductor, C++ on CPU) on the model with the most per-loop work."""
+@pytest.mark.skipif(os.environ.get("MELTBENCH_COMPILE_TEST") != "1",
+                    reason="a cold inductor compile takes ~30 s on 2 cores: MELTBENCH_COMPILE_TEST=1 runs it")
+def test_inductor_compiled_step_matches_eager():
+    """The real compiler (inductor: C++ kernels on CPU), on one model (a cold compile takes tens of
+    seconds on 2 cores; the aot_eager test above covers every model's capture)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _model("melt", loops=2, chunk_size=4)
+    model = _model("standard")
     ids = tokens(2, batch=1, length=8)
     eager = _decode(model, ids, 6, model.decode_step)
     compiled = _decode(model, ids, 6, model.compiled_decode_step())

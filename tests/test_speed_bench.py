@@ -3,6 +3,8 @@ machine limits, compile settings, and the capacity search."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -101,3 +103,69 @@ def test_compile_is_auto_off_on_cpu_and_never_for_the_peer():
 def test_bad_speed_settings_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=rf"^{field}: .*; allowed: "):
         _point(**kw)
+
+
+# -- the capacity search -------------------------------------------------------------------------
+def test_capacity_search_finds_the_largest_batch(tmp_path):
+    """Doubling then bisection on the tracked probe's simulated budget; every trial is a row."""
+    import json
+
+    from bench import capacity
+    from bench.results import load_rows
+
+    point = _point(model="ouro", loops=2, seq_len=64, capacity=True, budget_gb=0.0012)
+    row = capacity.search(point, tmp_path, measure)
+    assert row["status"] == "ok", row["error"]
+    best, first_oom = row["capacity_max_batch"], row["capacity_first_oom"]
+    assert best >= 2 and first_oom == best + 1 and row["batch"] == best
+    assert row["budget_bytes"] == 1_200_000 and row["mem_limit_mib"] == pytest.approx(1_200_000 / 2**20)
+    assert row["peak_bytes"] <= row["budget_bytes"] and row["decode_tokens_per_s"] > 0
+    trials = {int(p.parent.name.split("=")[1]): json.loads(p.read_text())
+              for p in (tmp_path / "trials").rglob("result.json")}
+    # doubling up to the first OOM, then bisection: every trial below best fits, the rest do not
+    assert {b for b, r in trials.items() if r["status"] == "ok"} | {best} == {b for b in trials if b < first_oom} | {best}
+    assert all(r["status"] == "oom" and "out of memory" in r["error"] for b, r in trials.items() if b > best)
+    assert best not in trials  # its row is the timed final one, written by the caller
+    assert all(r["peak_bytes"] <= 1_200_000 for r in trials.values() if r["status"] == "ok")
+    assert load_rows(tmp_path).batch.is_unique
+
+
+def test_capacity_when_not_even_one_sequence_fits(tmp_path):
+    from bench import capacity
+
+    row = capacity.search(_point(model="melt", capacity=True, budget_gb=1e-5), tmp_path, measure)
+    assert row["status"] == "oom" and row["capacity_max_batch"] == 0 and row["capacity_first_oom"] == 1
+
+
+# -- scripts/gpu_check.sh, in its CPU smoke mode ----------------------------------------------------
+def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
+    """The GPU check's steps (sweeps, copies to the reference folder, environment) on CPU at size
+    tiny: the logic a GPU run depends on, minus the GPU. The two memory sweeps it also runs go
+    through the same loop and are tested by test_bench_cli; left out here to save half a minute."""
+    import subprocess
+
+    import pandas as pd
+
+    from conftest import ROOT
+
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600,
+                         env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path),
+                              "GPU_CHECK_ONLY": "decode_speed capacity"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ref = tmp_path / "reference"
+    for experiment in ("decode_speed", "capacity"):
+        table = pd.read_csv(ref / experiment / "table.csv")
+        assert len(table) and (table.status.isin(["ok", "oom"])).all(), experiment
+        assert (ref / experiment / "report.md").exists()
+    decode = pd.read_csv(ref / "decode_speed" / "table.csv").set_index("model")
+    assert set(decode.index) == {"standard", "ouro", "melt", "hf_llama"}
+    assert decode.bandwidth_utilization.gt(0).all() and decode.decode_bound.notna().all()
+    assert "standard / hf_llama" in (ref / "decode_speed" / "report.md").read_text()
+    capacity = pd.read_csv(ref / "capacity" / "table.csv")
+    finals = capacity[capacity.capacity_max_batch.notna()].set_index("model")
+    assert set(finals.index) == {"ouro", "melt"}  # the smoke run searches these two only
+    assert (capacity.status == "oom").any()  # the search's OOM trials are rows
+    assert finals.capacity_max_batch["melt"] > finals.capacity_max_batch["ouro"] >= 1
+    assert (ref / "capacity" / "capacity.png").stat().st_size > 0
+    assert "GPU_CHECK_SMOKE=1" in (ref / "environment.txt").read_text()
