@@ -103,15 +103,15 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
     from models import build_model  # imported on use: configs compose without building anything
 
     decodes = p.scenario != "prefill"
+    if p.probe == "fake" and p.model == "hf_llama":  # generate's stopping checks read tensor values
+        raise NotImplementedError("probe: fake cannot run hf_llama (transformers' generate reads "
+                                  "tensor values to decide when to stop); allowed: tracked | cuda")
     with probe.session():
         model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
                             device=p.device, **p.model_options())
         baseline = probe.current_bytes()
         prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
         run = make_scenario(model, prompt, p.new_tokens)
-        if p.probe == "fake" and p.model == "hf_llama":  # generate's stopping checks read tensor values
-            raise NotImplementedError("probe: fake cannot run hf_llama (transformers' generate reads "
-                                      "tensor values to decide when to stop); allowed: tracked | cuda")
         for _ in range(p.warmup if probe.timed else 0):
             run.new_cache()
             logits, _ = run.prefill()
