@@ -30,7 +30,12 @@ class Scenario:
 
     def new_cache(self) -> None:
         """A fresh cache for the next prefill (the LoopLM's last-loop sharing frees slots while
-        decoding, so a cache is not reused). The old one goes first: two never coexist."""
+        decoding, so a cache is not reused). The old one goes first: two never coexist.
+        Compiled, a cache that still holds all its slots is reused: CUDA graphs read the buffers
+        at fixed addresses, and new ones would make them record the step again. The prefill and
+        the decode overwrite every row they read, so nothing stale is seen."""
+        if self.static and self.cache is not None and self.cache.num_slots == len(self.cache.keys):
+            return
         self.cache = None
         batch, seq_len = self.prompt.shape
         self.cache = self.model.new_cache(batch_size=batch, max_len=seq_len + self.new_tokens)

@@ -170,3 +170,26 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     assert finals.capacity_max_batch["melt"] > finals.capacity_max_batch["ouro"] >= 1
     assert (ref / "capacity" / "capacity.png").stat().st_size > 0
     assert "GPU_CHECK_SMOKE=1" in (ref / "environment.txt").read_text()
+
+
+def test_compiled_scenario_reuses_a_full_cache_and_decodes_the_same():
+    """CUDA graphs need the cache at fixed addresses: compiled, a scenario reuses its cache (the
+    rows are all rewritten) unless slots were dropped (the LoopLM's last-loop sharing)."""
+    from bench.scenarios import Scenario
+
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 256, (2, 12))
+    for options, reused in ((dict(), True), (dict(kv_sharing="last_loop"), False)):
+        run = Scenario(models.build_model("ouro", "tiny", loops=2, **options), prompt, new_tokens=4)
+        run.static = True  # what compile() sets, without compiling
+        tokens = []
+        with torch.inference_mode():
+            for _ in range(2):
+                run.new_cache()
+                first = run.cache
+                logits, _ = run.prefill()
+                run.decode(logits)
+                tokens.append(run.model(prompt, cache=run.cache, start_pos=0, last_only=True))
+            run.new_cache()
+        assert (run.cache is first) == reused
+        torch.testing.assert_close(tokens[0], tokens[1])
