@@ -324,7 +324,8 @@ def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
         "model": rows.model, "loops": rows.loops, "seq_len": rows.seq_len,
         "budget GB": rows.budget_bytes / 1e9, "max batch": rows.capacity_max_batch.astype(int),
         "first OOM batch": rows.capacity_first_oom.astype("Int64"),
-        "decode tok/s": rows.decode_tokens_per_s, "peak MiB": rows.peak_bytes / MIB,
+        # numeric even when nothing was timed (probe fake: all None)
+        "decode tok/s": pd.to_numeric(rows.decode_tokens_per_s), "peak MiB": rows.peak_bytes / MIB,
         "KV MiB": rows.kv_bytes_analytic / MIB, "decode bound": rows.decode_bound,
     })
     return table.sort_values(["seq_len", "loops", "model"]).reset_index(drop=True)

@@ -193,3 +193,20 @@ def test_compiled_scenario_reuses_a_full_cache_and_decodes_the_same():
             run.new_cache()
         assert (run.cache is first) == reused
         torch.testing.assert_close(tokens[0], tokens[1])
+
+
+def test_capacity_report_of_an_untimed_search(tmp_path):
+    """probe=fake estimates the batches without timing: the report says so instead of failing."""
+    from bench import report
+    from bench.results import COLUMNS, write_row
+
+    for model, best in (("ouro", 2), ("melt", 9)):
+        write_row(tmp_path / model, {**dict.fromkeys(COLUMNS), "model": model, "size": "tiny", "loops": 4,
+                                     "seq_len": 64, "batch": best, "scenario": "generate", "status": "ok",
+                                     "probe": "fake", "dtype": "float32", "device": "cpu", "peak_bytes": 10,
+                                     "kv_bytes_analytic": 5, "budget_bytes": 100, "capacity_max_batch": best,
+                                     "capacity_first_oom": best + 1, "timestamp": "2026-01-01T00:00:00+00:00"})
+    report.build(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "MELT / LoopLM max batch 4.50, decode tok/s not timed (probe fake)" in text
+    assert (tmp_path / report.CAPACITY_PLOT).stat().st_size > 0
