@@ -72,8 +72,9 @@ def load_results(path: Path | str) -> pd.DataFrame:
         raise CeilingError(f"{path}: no such file or folder")
     else:
         raise CeilingError(f"{path}: not a results folder, .csv or .parquet")
-    if "checkpoint" not in df.columns:  # an identity column newer than tables written before it
-        df["checkpoint"] = None
+    for column in ("checkpoint", "compile"):  # identity columns newer than some tables
+        if column not in df.columns:
+            df[column] = None
     missing = [c for c in [*IDENTITY, "status", *LIMITED] if c not in df.columns]
     if df.empty or missing:
         raise CeilingError(f"{path}: not a results table; "

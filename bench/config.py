@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # MODEL_OPTIONS: option -> the one model that has it. In a sweep across models an option goes only
 # to the model that has it; the others leave its column empty.
-from models import MODEL_NAMES, MODEL_OPTIONS, SIZES, make_config
+from models import ALL_MODEL_NAMES, MODEL_OPTIONS, PEER_NAMES, SIZES, make_config
 
 SCENARIOS = ("prefill", "decode", "generate")
 PROBES = ("auto", "cuda", "tracked", "fake")
@@ -37,7 +37,7 @@ def _bad(field: str, problem: str, allowed: str) -> ConfigError:
 @dataclass
 class BenchConfig:
     # What to measure
-    model: str = "melt"  # standard | ouro | melt
+    model: str = "melt"  # standard | ouro | melt | hf_llama (the peer: transformers' Llama)
     # Size preset of models.SIZES; by default `small` on CPU and Ouro-1.4B on a GPU.
     size: str = "${on_device:${device},small,ouro-1.4b}"
     loops: int = 4
@@ -70,6 +70,14 @@ class BenchConfig:
     checkpoint: Optional[str] = None
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
+    # Decode with the step compiled whole by torch.compile (CUDA graphs on a GPU). None: auto, on
+    # for CUDA and off for CPU. The memory pass always runs eager; hf_llama never compiles.
+    compile: Optional[bool] = None
+    # The capacity search (conf/experiment/capacity.yaml): the largest batch whose run fits
+    # budget_gb (decimal GB, 1e9 bytes; default: the GPU's free memory; needed on CPU, where the
+    # tracked probe enforces it), then the decode throughput at that batch.
+    capacity: bool = False
+    budget_gb: Optional[float] = None
 
     def model_options(self) -> dict:
         """The options set for this point's model, as keyword arguments for models.build_model."""
@@ -103,7 +111,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
             raise _bad(unknown[0], "not a setting of run_bench.py",
                        ", ".join(BenchConfig.__dataclass_fields__))
     c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-    _choice("model", c.model, MODEL_NAMES)
+    _choice("model", c.model, ALL_MODEL_NAMES)
     _choice("size", c.size, tuple(SIZES))
     _choice("scenario", c.scenario, SCENARIOS)
     _choice("device", c.device, DEVICES)
@@ -115,6 +123,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
             raise _bad(field, f"got {getattr(c, field)}", f"an integer >= {low}")
     if c.mem_limit_mib is not None and c.mem_limit_mib <= 0:
         raise _bad("mem_limit_mib", f"got {c.mem_limit_mib}", "a positive number of MiB")
+    _check_speed_settings(c)
 
     if c.device == "cuda" and not torch.cuda.is_available():
         raise _bad("device", "cuda asked for, but this machine has no CUDA GPU", "auto | cpu")
@@ -139,8 +148,28 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     # and the options show the model's values (empty for options the model does not have).
     options = {k: getattr(model_cfg, k) if c.model == owner else None
                for k, owner in MODEL_OPTIONS.items()}
+    if c.capacity and c.budget_gb is None and device != "cuda":
+        raise _bad("budget_gb", "the capacity search on a CPU needs a budget (there is no free device "
+                   "memory to default to)", "a positive number of GB, e.g. budget_gb=0.25")
+    # auto: compiled decode on CUDA; the hf_llama peer runs transformers' eager generate
+    compile_step = (device == "cuda" if c.compile is None else c.compile) and c.model not in PEER_NAMES
     return dataclasses.replace(c, device=device, dtype=dtype, probe=probe, loops=model_cfg.loops,
-                               new_tokens=0 if c.scenario == "prefill" else c.new_tokens, **options)
+                               new_tokens=0 if c.scenario == "prefill" else c.new_tokens,
+                               compile=compile_step, **options)
+
+
+def _check_speed_settings(c: BenchConfig) -> None:
+    """The settings issue 6 added: compile, capacity, budget_gb."""
+    if c.compile and c.model in PEER_NAMES:
+        raise _bad("compile", f"{c.model} runs transformers' eager generate", "false or unset")
+    if c.budget_gb is not None and c.budget_gb <= 0:
+        raise _bad("budget_gb", f"got {c.budget_gb}", "a positive number of GB (1e9 bytes)")
+    if c.budget_gb is not None and not c.capacity:
+        raise _bad("budget_gb", "set without capacity=true", "with capacity=true (or use mem_limit_mib)")
+    if c.capacity and c.scenario == "prefill":
+        raise _bad("scenario", "prefill has no decode throughput to report at capacity", "decode | generate")
+    if c.capacity and c.mem_limit_mib is not None:
+        raise _bad("mem_limit_mib", "the capacity search sets the limit itself", "unset; use budget_gb")
 
 
 def model_config(c: BenchConfig):

@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -102,3 +103,64 @@ def peak_bandwidth_bytes_per_s() -> float | None:
     except (ImportError, pynvml_error()):
         return None
     return 2 * mhz * 1e6 * bus_bits / 8
+
+
+# -- the machine's measured limits (issue 6): what bandwidth_utilization divides by ---------------
+
+def _best_seconds(fn, sync, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn after one untimed call (warm caches, clocks)."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def copy_bytes_per_s(device: str) -> float | None:
+    """Measured memory bandwidth, bytes moved (read + written) per second by the best of a few
+    large copies: device-to-device on CUDA (2 x 512 MiB, far past any L2), memcpy on CPU
+    (2 x 256 MiB). Measured once per process; None if the buffers do not fit."""
+    nbytes = (512 if device == "cuda" else 256) * 2**20
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    src = dst = None
+    try:
+        src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        seconds = _best_seconds(lambda: dst.copy_(src), sync, repeats=5)
+    except (torch.OutOfMemoryError, RuntimeError):
+        return None
+    finally:
+        src = dst = None
+        if device == "cuda":
+            torch.cuda.empty_cache()  # leave the allocator's pool as the point will find it
+    return 2 * nbytes / seconds
+
+
+@functools.cache
+def matmul_flops_per_s(device: str, dtype: str) -> float | None:
+    """Measured matrix-multiply rate in `dtype`: the best of a few square products (8192 on CUDA,
+    1024 on CPU), 2 n^3 flops each. Measured once per process and dtype."""
+    n = 8192 if device == "cuda" else 1024
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a = b = None
+    try:
+        a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+        b = torch.randn(n, n, device=device).to(a.dtype)
+        seconds = _best_seconds(lambda: a @ b, sync, repeats=5)
+    except (torch.OutOfMemoryError, RuntimeError):
+        return None
+    finally:
+        a = b = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return 2 * n**3 / seconds
+
+
+def limits(device: str, dtype: str) -> dict:
+    """The environment columns copy_bytes_per_s and matmul_flops_per_s."""
+    return {"copy_bytes_per_s": copy_bytes_per_s(device), "matmul_flops_per_s": matmul_flops_per_s(device, dtype)}

@@ -23,9 +23,12 @@ from .paper import table2  # noqa: E402
 from .results import IDENTITY, RESULT_FILE, TABLE_FILE, atomic_file, load_rows  # noqa: E402
 
 MIB = 2**20
-MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT"}
-COLORS = {"standard": "tab:gray", "ouro": "tab:red", "melt": "tab:blue"}
+MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT",
+                "hf_llama": "HF Llama (peer)"}
+COLORS = {"standard": "tab:gray", "ouro": "tab:red", "melt": "tab:blue", "hf_llama": "tab:olive"}
+ONE_PASS = ("standard", "hf_llama")  # models that run once whatever `loops` says: references
 PLOTS = ("memory_vs_depth.png", "memory_vs_seq_len.png", "throughput.png")
+CAPACITY_PLOT = "capacity.png"  # only when the folder holds a capacity search
 
 
 def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
@@ -45,6 +48,10 @@ def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
     plot_memory_vs_seq_len(view, out / PLOTS[1])
     plot_throughput(view, out / PLOTS[2])
     text = markdown(df, view, title=Path(src).resolve().name)
+    text += speed_markdown(df)  # issue 6: limits, the peer, capacity
+    if len(capacity_table(df)):
+        plot_capacity(capacity_table(df), out / CAPACITY_PLOT)
+        text += capacity_markdown(df)
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(text)
     return df
@@ -72,8 +79,8 @@ def plot_view(df: pd.DataFrame) -> pd.DataFrame:
 def _panels(view: pd.DataFrame):
     """(loops, rows) per panel: one panel per loop count of the looped models, each also showing
     the standard model (which runs once whatever the loop count) as a reference."""
-    looped = view[view.model != "standard"]
-    standard = view[view.model == "standard"]
+    looped = view[~view.model.isin(ONE_PASS)]
+    standard = view[view.model.isin(ONE_PASS)]
     loops = sorted(looped.loops.unique()) or sorted(standard.loops.unique()) or [1]
     return [(n, pd.concat([looped[looped.loops == n], standard])) for n in loops]
 
@@ -133,7 +140,7 @@ def plot_memory_vs_depth(view: pd.DataFrame, path: Path) -> None:
             s = s.sort_values("loops")
             ok = s[s.status == "ok"]
             color = COLORS.get(s.model.iloc[0])
-            if s.model.iloc[0] == "standard" and len(ok):
+            if s.model.iloc[0] in ONE_PASS and len(ok):
                 ax.axhline(ok.peak_bytes.iloc[0] / MIB, color=color, ls=":", label=f"{series} peak")
                 ax.axhline(ok.kv_bytes_analytic.iloc[0] / MIB, color=color, ls="--", lw=1,
                            label=f"{series} KV (analytic)")
@@ -170,7 +177,7 @@ def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabe
             s = s.sort_values("seq_len")
             ok = s[(s.status == "ok") & s[column].notna()]
             color = COLORS.get(s.model.iloc[0])
-            style = ":" if s.model.iloc[0] == "standard" else "-"
+            style = ":" if s.model.iloc[0] in ONE_PASS else "-"
             ax.plot(ok.seq_len, ok[column] / unit, "o" + style, color=color, label=series)
             _mark_oom(ax, s, "seq_len", color)
             drawn |= len(ok) > 0
@@ -215,6 +222,9 @@ RATIOS = [  # (column, heading, what it includes) of the MELT / LoopLM tables in
      "`peak_decode_bytes`, the peak during decode (reset after prefill): the cache's effect without"
      " the prefill activations."),
     ("kv_bytes_analytic", "KV cache", "`kv_bytes_analytic`: the caches alone, by the models' formulas."),
+    ("decode_tokens_per_s", "decode tokens/s",
+     "`decode_tokens_per_s` (higher is better for MELT): MELT's gate reads about 16 % more weight"
+     " bytes per loop; both read every past token's K/V in every loop."),
 ]
 
 TABLE_COLUMNS = {  # report column -> (table column, divisor)
@@ -295,6 +305,109 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
         lines += ["## Errors", ""] + [f"- {r.model} loops={r.loops} seq_len={r.seq_len}: {r.error}"
                                       for r in errors.itertuples()] + [""]
     return "\n".join(lines)
+
+
+# -- issue 6: speed against the machine's limits, the hf_llama peer, capacity ----------------------
+
+def speed_markdown(df: pd.DataFrame) -> str:
+    """Per timed row: tokens/s, utilization of the measured limits and which term bounds it; our
+    standard model against the hf_llama peer where both ran."""
+    timed = df[(df.status == "ok") & (df.decode_tokens_per_s.notna() | df.prefill_utilization.notna())]
+    if timed.empty:
+        return ""
+    first = timed.iloc[0]
+    lines = ["", "## Speed against the machine's limits", "",
+             "Measured once per run: copy bandwidth "
+             f"{_fmt(first.copy_bytes_per_s, 1e9)} GB/s (a large copy, read + write), matmul rate "
+             f"{_fmt(first.matmul_flops_per_s, 1e12)} TFLOP/s ({first['dtype']}). `bandwidth util` = bytes a"
+             " decode step must read (weights once per loop applied + the KV rows attended, for the"
+             " batch) x steps/s / copy bandwidth; `prefill util` = prefill flops/s / matmul rate."
+             " `bound`: the term (weights, kv reads or compute) that takes longest at those limits"
+             " (bench/roofline.py).", ""]
+    timed = timed.sort_values(["seq_len", "batch", "loops", "model"])
+    table = timed[["model", "loops", "seq_len", "batch", "compile"]].copy()
+    table["decode tok/s"] = timed.decode_tokens_per_s
+    table["bandwidth util %"] = 100 * timed.bandwidth_utilization
+    table["decode bound"] = timed.decode_bound
+    table["prefill util %"] = 100 * timed.prefill_utilization
+    table["prefill bound"] = timed.prefill_bound
+    lines += [table.to_markdown(index=False, floatfmt=".1f"), ""]
+    peer = peer_ratio(df)
+    if len(peer):
+        lines += ["## Our standard model against the hf_llama peer (decode tokens/s, same run)", "",
+                  peer.to_markdown(index=False, floatfmt=".2f"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, unit: float) -> str:
+    return "?" if value is None or pd.isna(value) else f"{value / unit:.1f}"
+
+
+def peer_ratio(df: pd.DataFrame) -> pd.DataFrame:
+    """standard / hf_llama decode tokens/s per (seq_len, batch, dtype) where both have a row."""
+    ok = df[(df.status == "ok") & df.decode_tokens_per_s.notna() & ~df.capacity_max_batch.notna()]
+    keys = ["seq_len", "batch", "dtype"]
+    pivot = ok.pivot_table(index=keys, columns="model", values="decode_tokens_per_s", aggfunc="first")
+    if not {"standard", "hf_llama"} <= set(pivot.columns):
+        return pd.DataFrame()
+    out = pivot[["standard", "hf_llama"]].dropna().reset_index()
+    out["standard / hf_llama"] = out.standard / out.hf_llama
+    return out.rename(columns={"standard": "standard tok/s", "hf_llama": "hf_llama tok/s"})
+
+
+def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The capacity searches' final rows: per model, the largest batch within the budget and the
+    decode throughput (tokens/s over the whole batch) at that batch."""
+    rows = df[df.capacity_max_batch.notna()]
+    table = pd.DataFrame({
+        "model": rows.model, "loops": rows.loops, "seq_len": rows.seq_len,
+        "budget GB": rows.budget_bytes / 1e9, "max batch": rows.capacity_max_batch.astype(int),
+        "first OOM batch": rows.capacity_first_oom.astype("Int64"),
+        # numeric even when nothing was timed (probe fake: all None)
+        "decode tok/s": pd.to_numeric(rows.decode_tokens_per_s), "peak MiB": rows.peak_bytes / MIB,
+        "KV MiB": rows.kv_bytes_analytic / MIB, "decode bound": rows.decode_bound,
+    })
+    return table.sort_values(["seq_len", "loops", "model"]).reset_index(drop=True)
+
+
+def capacity_markdown(df: pd.DataFrame) -> str:
+    table = capacity_table(df)
+    lines = ["", "## Capacity at the memory budget", "",
+             "Largest batch whose run (prefill of the batch, then decode) fits the budget, by doubling"
+             " then bisection; every trial is a row of the table (OOM rows included). Decode tok/s is"
+             " over the whole batch, at the largest batch.", "",
+             table.to_markdown(index=False, floatfmt=".2f"), ""]
+    for (seq_len, loops), g in table.groupby(["seq_len", "loops"]):
+        by = g.set_index("model")
+        if {"melt", "ouro"} <= set(by.index) and by.loc["ouro", "max batch"] > 0:
+            speed = by.loc["melt", "decode tok/s"] / by.loc["ouro", "decode tok/s"]
+            lines.append(f"- seq_len {seq_len}, loops {loops}: MELT / LoopLM max batch "
+                         f"{by.loc['melt', 'max batch'] / by.loc['ouro', 'max batch']:.2f}, decode tok/s "
+                         + (f"{speed:.2f}" if pd.notna(speed) else "not timed (probe fake)"))
+    lines += ["", f"![capacity]({CAPACITY_PLOT})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_capacity(table: pd.DataFrame, path: Path) -> None:
+    """Two bar panels per (seq_len, loops): max batch and decode tokens/s at it, per model."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    labels = [f"{MODEL_LABELS.get(r.model, r.model)}\n{r.seq_len} tok, loops {r.loops}"
+              for r in table.itertuples()]
+    colors = [COLORS.get(m, "tab:gray") for m in table.model]
+    for ax, column, ylabel in ((axes[0], "max batch", "largest batch within budget"),
+                               (axes[1], "decode tok/s", "decode tokens/s at that batch")):
+        ax.bar(range(len(table)), table[column].fillna(0), color=colors)
+        ax.set_xticks(range(len(table)), labels, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    budgets = ", ".join(f"{b:.2f}" for b in table["budget GB"].unique())
+    fig.suptitle(f"capacity at a memory budget of {budgets} GB", fontsize=10)
+    fig.tight_layout()
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,7 @@ TABLE_FILE = "table.parquet"
 # A point is identified by these; a sweep skips a point whose identity already has a result
 # measured by the same code (git_sha, see find_measured and same_code).
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
-            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint"]
+            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint", "compile"]
 STATUS = ["status", "error"]
 MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
@@ -30,8 +30,13 @@ PREDICTED = ["predicted_kv_bytes", "predicted_prefill_bytes", "predicted_decode_
              "predicted_peak_bytes"]
 SPEED = ["prefill_tokens_per_s", "decode_tokens_per_s", "token_latency_ms_p50",
          "token_latency_ms_p90", "bandwidth_utilization"]
+# Against the machine's measured limits (bench/roofline.py): weights | kv | compute.
+SPEED += ["decode_bound", "prefill_utilization", "prefill_bound"]
+# The capacity search (bench/capacity.py), on its final row: the largest batch within the budget.
+CAPACITY = ["budget_bytes", "capacity_max_batch", "capacity_first_oom"]
 ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
-COLUMNS = IDENTITY + STATUS + MEMORY + PREDICTED + SPEED + ENV
+ENV += ["copy_bytes_per_s", "matmul_flops_per_s"]  # measured once per run (bench/env.py)
+COLUMNS = IDENTITY + STATUS + MEMORY + PREDICTED + SPEED + CAPACITY + ENV
 
 
 def identity(point: BenchConfig) -> dict:

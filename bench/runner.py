@@ -21,7 +21,8 @@ from .config import BenchConfig, resolve
 from .memory_model import predict_point
 from .probes import Phase, make_probe
 from .results import COLUMNS, find_measured, identity, same_code, write_row
-from .scenarios import Scenario
+from .roofline import speed_columns
+from .scenarios import Scenario, make_scenario
 
 log = logging.getLogger("bench")
 
@@ -38,6 +39,14 @@ def run(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     job_num = hc.job.num if multirun else 0
+    if point.capacity:  # a search over batch (bench/capacity.py); it always runs, never resumes
+        from . import capacity
+
+        row = capacity.search(point, Path(hc.runtime.output_dir), measure)
+        write_row(Path(hc.runtime.output_dir), row)
+        _progress(job_num, row, f"{row['status']}, largest batch within the budget: "
+                                f"{row['capacity_max_batch']}")
+        return row
     again = ""
     if multirun:
         sha = env.info()["git_sha"]
@@ -53,15 +62,16 @@ def run(cfg: DictConfig) -> dict:
     return row
 
 
-def measure(point: BenchConfig) -> dict:
+def measure(point: BenchConfig, timed: bool = True) -> dict:
     """Measure a resolved point. An out-of-memory error is a result (status=oom); any other failure
-    is status=error with its message: a sweep always gets its row and goes on."""
+    is status=error with its message: a sweep always gets its row and goes on. timed=False: memory
+    only (the capacity search's trials)."""
     start = time.perf_counter()
     row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(), "status": "ok"}
     if point.model in MODEL_CLASSES:  # what the point should take, even when it runs out of memory
         row.update(predict_point(point).columns(point.scenario))
     try:
-        row.update(_measure(point))
+        row.update(_measure(point, timed))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
         message = str(e).strip()
         oom = isinstance(e, torch.OutOfMemoryError) or (
@@ -78,13 +88,17 @@ def measure(point: BenchConfig) -> dict:
     return row
 
 
-def _measure(p: BenchConfig) -> dict:
+def _measure(p: BenchConfig, timed: bool = True) -> dict:
     probe = make_probe(p.probe, None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20))
+    timed = timed and probe.timed and p.repeats > 0  # repeats=0: memory only
+    # The machine's limits, measured once per process and before any model is built (their
+    # buffers are gone when the point's memory is measured).
+    limits = env.limits(p.device, p.dtype) if timed else {}
     torch.manual_seed(p.seed)
     with torch.inference_mode():
         run, row = _memory_pass(p, probe)
-        if probe.timed and p.repeats:  # outside the probe: the tracked probe's bookkeeping would slow it down
-            row.update(_timing_pass(p, run))
+        if timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
+            row.update(limits, **_timing_pass(p, run, limits))
     return row
 
 
@@ -95,6 +109,9 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
     from models import build_model
 
     decodes = p.scenario != "prefill"
+    if p.probe == "fake" and p.model == "hf_llama":  # generate's stopping checks read tensor values
+        raise NotImplementedError("probe: fake cannot run hf_llama (transformers' generate reads "
+                                  "tensor values to decide when to stop); allowed: tracked | cuda")
     with probe.session():
         if p.checkpoint is None:
             model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
@@ -105,7 +122,7 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
                 **p.model_options())
         baseline = probe.current_bytes()
         prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
-        run = Scenario(model, prompt, p.new_tokens)
+        run = make_scenario(model, prompt, p.new_tokens)
         for _ in range(p.warmup if probe.timed else 0):
             run.new_cache()
             logits, _ = run.prefill()
@@ -121,6 +138,8 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
         if decodes:
             with probe.phase() as dec:
                 run.decode(logits)
+        if hasattr(run, "kv_bytes"):  # a cache that grows (hf_llama's): what it holds at the end
+            kv_measured = run.kv_bytes()
         nvml = probe.nvml()
     phases = [ph for ph, used in ((pre, p.scenario != "decode"), (dec, decodes)) if used]
     return run, {
@@ -137,8 +156,13 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
     }
 
 
-def _timing_pass(p: BenchConfig, run: Scenario) -> dict:
-    """`repeats` full runs of the scenario, each from a fresh cache -> the speed columns."""
+def _timing_pass(p: BenchConfig, run: Scenario, limits: dict | None = None) -> dict:
+    """`repeats` full runs of the scenario, each from a fresh cache -> the speed columns. With
+    compile, the decode step is compiled first (an untimed run; the memory pass ran eager)."""
+    if p.compile and p.scenario != "prefill":
+        run.compile()
+        run.new_cache()
+        run.decode(run.prefill()[0])
     prefill_s, decode_s, step_s = [], [], []
     for _ in range(p.repeats):
         run.new_cache()
@@ -149,31 +173,30 @@ def _timing_pass(p: BenchConfig, run: Scenario) -> dict:
             decode_s.append(sum(steps))
             step_s += steps
     speed = {"prefill_tokens_per_s": p.batch * p.seq_len / float(np.median(prefill_s))}
+    steps_per_s = None
     if decode_s:
         steps_per_s = p.new_tokens / float(np.median(decode_s))
-        peak_bw = env.peak_bandwidth_bytes_per_s() if p.device == "cuda" else None
         speed.update(
             decode_tokens_per_s=p.batch * steps_per_s,
             token_latency_ms_p50=float(np.percentile(step_s, 50)) * 1e3,
             token_latency_ms_p90=float(np.percentile(step_s, 90)) * 1e3,
-            bandwidth_utilization=(decode_bytes_per_step(run.model, p) * steps_per_s / peak_bw
-                                   if peak_bw else None),
         )
+    # bandwidth_utilization against the measured copy bandwidth, and what bounds each phase
+    limits = limits or {}
+    speed.update(speed_columns(run.model, p, float(np.median(prefill_s)), steps_per_s,
+                               limits.get("copy_bytes_per_s"), limits.get("matmul_flops_per_s")))
     return speed
 
 
 def decode_bytes_per_step(model, p: BenchConfig) -> float:
     """Bytes one decode step must read from memory, the roofline numerator: every loop reads the
     layer weights (gates included) and one KV slot per layer over the context; the output head is
-    read once and the embedding only for one row (ignored). Context: its mean over the decode."""
-    c = model.config
-    itemsize = model.dtype.itemsize
-    table = c.vocab_size * c.hidden_size * itemsize
-    layers = model.weights_bytes() - (table if c.tie_word_embeddings else 2 * table)
-    context = p.seq_len + (p.new_tokens - 1) / 2
-    kv_per_loop = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize
-                   * p.batch * context)
-    return c.loops * (layers + kv_per_loop) + table
+    read once and the embedding only for one row (ignored). Context: its mean over the decode.
+    (bench.roofline.decode_terms, weights + kv.)"""
+    from .roofline import decode_terms
+
+    terms = decode_terms(model, p)
+    return terms["weights"] + terms["kv"]
 
 
 def _progress(job_num: int, row: dict, what: str) -> None:

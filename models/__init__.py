@@ -13,14 +13,16 @@ import contextlib
 import torch
 
 from .cache import KVCache
-from .config import (CACHE_UPDATES, EXIT_POLICIES, INIT_LATENTS, KV_SHARINGS, MODEL_NAMES, MODEL_OPTIONS,
-                     SIZES, ConfigError, LoopConfig, make_config)
+from .config import (ALL_MODEL_NAMES, CACHE_UPDATES, EXIT_POLICIES, INIT_LATENTS, KV_SHARINGS, MODEL_NAMES,
+                     MODEL_OPTIONS, PEER_NAMES, SIZES, ConfigError, LoopConfig, make_config)
+from .hf_llama import HFLlamaLM
 from .layers import CausalLM
 from .melt import MeltLM
 from .ouro import OuroLM
 from .standard import StandardLM
 
-MODEL_CLASSES: dict[str, type[CausalLM]] = {"standard": StandardLM, "ouro": OuroLM, "melt": MeltLM}
+MODEL_CLASSES: dict[str, type[CausalLM]] = {"standard": StandardLM, "ouro": OuroLM, "melt": MeltLM,
+                                            "hf_llama": HFLlamaLM}  # the peer, see models/hf_llama.py
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,12 +61,12 @@ def build_from_config(config: LoopConfig, dtype=None, device=None) -> CausalLM:
 
 def build_model(name: str, size: str = "tiny", loops: int | None = None, *, dtype=None, device=None,
                 **overrides) -> CausalLM:
-    """Build "standard" | "ouro" | "melt" at a size preset. Bad input raises ConfigError (a
+    """Build "standard" | "ouro" | "melt" (or the peer "hf_llama") at a size preset. Bad input raises ConfigError (a
     ValueError) naming the field. `dtype`: torch dtype or "float32" | "bfloat16"; `device` may be
     "meta" to count parameters or estimate memory without allocating."""
     return build_from_config(make_config(name, size, loops, **overrides), dtype=dtype, device=device)
 
 
 __all__ = ["build_model", "build_from_config", "make_config", "LoopConfig", "KVCache", "ConfigError",
-           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "MODEL_NAMES", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
+           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "MODEL_NAMES", "PEER_NAMES", "ALL_MODEL_NAMES", "HFLlamaLM", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
            "INIT_LATENTS", "KV_SHARINGS", "EXIT_POLICIES"]

@@ -28,16 +28,31 @@ class KVCache:
         """Analytic bytes of one slot: 2 (K and V) * B * H_kv * L * D * bytes(dtype)."""
         return 2 * batch_size * num_kv_heads * max_len * head_dim * dtype.itemsize
 
-    def update(self, slot: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, slot: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H_kv, S, D] at rows start_pos..start_pos+S of `slot` (overwriting what was
         there) and return views of rows 0..start_pos+S, the keys and values the queries may see."""
-        end = start_pos + k.shape[2]
         keys, values = self.keys[slot], self.values[slot]
         if keys is None:
             raise RuntimeError(f"KV slot {slot} was dropped from this cache")
+        if isinstance(start_pos, torch.Tensor):
+            # The fast decode step: the position is a tensor [S] (no new Python int per step, so a
+            # compiled step never recompiles); rows are written in place and the whole buffer
+            # [B, H_kv, max_len, D] is returned, masked by the caller (Positions.at).
+            keys.index_copy_(2, start_pos, k)
+            values.index_copy_(2, start_pos, v)
+            return keys, values
+        end = start_pos + k.shape[2]
         keys[:, :, start_pos:end].copy_(k)
         values[:, :, start_pos:end].copy_(v)
         return keys[:, :, :end], values[:, :, :end]
+
+    def mark_static(self) -> "KVCache":
+        """Tell torch.compile the buffers keep their addresses (so CUDA graphs can read and write
+        them in place between replays instead of copying them in and out). Eager code ignores it."""
+        for t in self.keys + self.values:
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+        return self
 
     def keep_slots(self, slots) -> None:
         """Free every slot not in `slots` (the LoopLM's last-loop KV sharing after prefill)."""

@@ -10,6 +10,10 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 MODEL_NAMES = ("standard", "ouro", "melt")
+# Peers: other libraries' models built from the same size presets, benchmarked beside ours
+# (models/hf_llama.py). They run once (loops = 1) and take none of MODEL_OPTIONS.
+PEER_NAMES = ("hf_llama",)
+ALL_MODEL_NAMES = MODEL_NAMES + PEER_NAMES
 CACHE_UPDATES = ("gated", "last", "mean", "ema", "scalar")
 INIT_LATENTS = ("input", "zero")
 KV_SHARINGS = ("per_loop", "last_loop")
@@ -115,7 +119,7 @@ class LoopConfig(PretrainedConfig):
 
     def validate(self) -> "LoopConfig":
         """Raise ConfigError naming the first bad field; return self when all is well."""
-        _choice("arch", self.arch, MODEL_NAMES)
+        _choice("arch", self.arch, ALL_MODEL_NAMES)
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads",
                       "max_position_embeddings", "loops", "chunk_size"):
@@ -161,7 +165,7 @@ def make_config(name: str, size: str = "tiny", loops: int | None = None, **overr
 
     The standard model accepts `loops` (so sweeps can pass it uniformly) but always runs once.
     """
-    _choice("model", name, MODEL_NAMES)
+    _choice("model", name, ALL_MODEL_NAMES)
     _choice("size", size, tuple(SIZES))
     known = set(LoopConfig().to_dict()) | set(LoopConfig.attribute_map)
     unknown = sorted(set(overrides) - known)
@@ -177,6 +181,6 @@ def make_config(name: str, size: str = "tiny", loops: int | None = None, **overr
     if loops is not None:
         _positive_int("loops", loops)
         fields["loops"] = loops
-    if name == "standard":
+    if name == "standard" or name in PEER_NAMES:
         fields["loops"] = 1
     return LoopConfig(arch=name, **fields).validate()

@@ -40,18 +40,25 @@ class Positions:
 
     Built once per forward (per chunk for MELT) and reused by every layer and loop.
     """
-    start: int                       # position of the block's first token
+    start: int | torch.Tensor        # position of the block's first token (a tensor [1]: Positions.at)
     cos: torch.Tensor                # [S, D]: computed in fp32, applied in the activations' dtype (as HF)
     sin: torch.Tensor                # [S, D], its first half negated (see rotate)
     mask: torch.Tensor | None        # [S, start+S] bool, only when start > 0 and S > 1
 
+    @staticmethod
+    def tables(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin [S, D] for float positions pos [S] (computed in fp32)."""
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+        freqs = pos[:, None] * inv_freq                            # [S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                    # [S, D]
+        sign = torch.ones(head_dim, device=pos.device)
+        sign[: head_dim // 2] = -1
+        return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
+
     @classmethod
     def make(cls, start: int, length: int, head_dim: int, theta: float, dtype: torch.dtype,
              device: torch.device) -> "Positions":
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
         pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)                         # [S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                    # [S, D]
         mask = None
         if start > 0 and length > 1:
             # Query i (absolute start+i) sees keys 0..start+i. When start == 0 the plain causal
@@ -60,9 +67,16 @@ class Positions:
             # made under the memory probes' dispatch modes; [C, start+C] bool is small.)
             keys = torch.arange(start + length, device=device)
             mask = keys[None, :] <= pos.long()[:, None]
-        sign = torch.ones(head_dim, device=device)
-        sign[: head_dim // 2] = -1
-        return cls(start, emb.cos().to(dtype), (emb.sin() * sign).to(dtype), mask)
+        return cls(start, *cls.tables(pos, head_dim, theta, dtype), mask)
+
+    @classmethod
+    def at(cls, pos: torch.Tensor, max_len: int, head_dim: int, theta: float, dtype: torch.dtype) -> "Positions":
+        """One decode token at position `pos` (an int64 tensor [1]) over a cache of max_len rows:
+        the fast, compile-friendly step. Shapes depend on max_len only, never on the position, and
+        nothing reads the position back to Python: `start` is the tensor itself (KVCache.update
+        writes row pos in place) and the mask [1, max_len] hides rows past pos."""
+        mask = torch.arange(max_len, device=pos.device)[None, :] <= pos[:, None]   # [1, max_len]
+        return cls(pos, *cls.tables(pos.float(), head_dim, theta, dtype), mask)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE on x [B, H, S, D]: x * cos + cat(-x2, x1) * sin, with x = cat(x1, x2).
@@ -264,16 +278,47 @@ class CausalLM(nn.Module):
             raise ConfigError("start_pos", f"start_pos {start_pos} + length {S} is beyond the cache "
                               f"(max_len {cache.max_len})", f"start_pos + length <= {cache.max_len}")
 
+    # -- the fast decode step --------------------------------------------------------------------
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
+                      last_only: bool) -> torch.Tensor:
+        """The layers over x [B, S, d] at `pos` -> final normed hidden states (what run_layers does
+        once it has its Positions; the decode step calls it with Positions.at)."""
+        raise NotImplementedError
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        """One decode token per sequence, token [B, 1] at position pos (int64 tensor [1]) -> logits
+        [B, 1, V]. Same result as self(token, cache=cache, start_pos=int(pos), last_only=True), but
+        with static shapes (attention covers all max_len rows of the cache, masked past pos) and no
+        Python value that changes per step, so torch.compile captures the whole step once (and
+        CUDA graphs replay it). No input checks here: they would read pos back to Python."""
+        c = self.config
+        positions = Positions.at(pos, cache.max_len, c.head_dim, c.rope_theta, self.dtype)
+        hidden = self.run_positions(self.model.embed_tokens(token), cache, positions, last_only=True)
+        return self.lm_head(hidden)
+
+    def compiled_decode_step(self, mode: str | None = None, backend: str = "inductor"):
+        """decode_step under torch.compile (fullgraph: a graph break is an error, not a slow
+        path), made once per model and (mode, backend). mode "reduce-overhead" adds CUDA graphs;
+        call cache.mark_static() on caches it will see."""
+        compiled = self.__dict__.setdefault("_compiled_steps", {})
+        if (mode, backend) not in compiled:
+            compiled[(mode, backend)] = torch.compile(self.decode_step, mode=mode, backend=backend,
+                                                      fullgraph=True, dynamic=False)
+        return compiled[(mode, backend)]
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the KV cache: [B, S] -> [B, S + max_new_tokens]."""
+        """Greedy decoding with the KV cache: [B, S] -> [B, S + max_new_tokens]. The prompt goes
+        through forward, every later token through the fast decode_step."""
         B, S = input_ids.shape
         cache = self.new_cache(B, S + max_new_tokens)
         next_token = self(input_ids, cache=cache, last_only=True).argmax(-1)       # [B, 1]
         tokens = [input_ids, next_token]
-        for step in range(1, max_new_tokens):
-            next_token = self(next_token, cache=cache, start_pos=S + step - 1, last_only=True).argmax(-1)
+        pos = torch.tensor([S], device=input_ids.device)
+        for _ in range(1, max_new_tokens):
+            next_token = self.decode_step(next_token, cache, pos).argmax(-1)
             tokens.append(next_token)
+            pos += 1
         return torch.cat(tokens[: 1 + max_new_tokens], dim=1)
 
     # -- checkpoints (Hugging Face layout: config.json + model.safetensors) --------------------

@@ -19,28 +19,52 @@ gate) or 0 ("zero").
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from .cache import KVCache
 from .config import LoopConfig
-from .layers import CausalLM
+from .layers import CausalLM, Positions
+
+
+class _Half(NamedTuple):
+    """A view of one half of the fused gate matrix, shaped like the nn.Linear it replaces."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class LatentGate(nn.Module):
-    """One layer's cache-update rule: (u, h_prev, loop) -> the latent h that K/V are made from."""
+    """One layer's cache-update rule: (u, h_prev, loop) -> the latent h that K/V are made from.
+
+    The gated rule's two projections are ONE matrix product: proj.weight [d, 2d] = [W_z | U_z]
+    over the concatenation [u, h_prev] [.., 2d] (one weight read and one kernel per loop instead of
+    two; the same 2d^2 + d parameters). Checkpoints and state_dict() keep the paper's two matrices,
+    `input_proj.weight` (W_z), `input_proj.bias` (b_z) and `state_proj.weight` (U_z): they are
+    split on saving and fused on loading, and `gate.input_proj` / `gate.state_proj` give views.
+    """
 
     def __init__(self, config: LoopConfig):
         super().__init__()
-        d = config.hidden_size
+        d = self.hidden_size = config.hidden_size
         self.mode, self.init_latent, self.ema_alpha = config.cache_update, config.init_latent, config.ema_alpha
         if self.mode == "gated":
-            self.input_proj = nn.Linear(d, d, bias=True)     # W_z, b_z
-            self.state_proj = nn.Linear(d, d, bias=False)    # U_z
+            self.proj = nn.Linear(2 * d, d, bias=True)       # [W_z | U_z], b_z
+            self.register_state_dict_post_hook(_split_gate)
+            self.register_load_state_dict_pre_hook(_fuse_gate)
         elif self.mode == "scalar":
             self.logit = nn.Parameter(torch.zeros(1))        # z = sigmoid(logit), one per layer
+
+    @property
+    def input_proj(self) -> _Half:
+        """W_z [d, d] and b_z [d]: views of the fused parameters (writes go through)."""
+        return _Half(self.proj.weight[:, :self.hidden_size], self.proj.bias)
+
+    @property
+    def state_proj(self) -> _Half:
+        """U_z [d, d]: a view of the fused matrix."""
+        return _Half(self.proj.weight[:, self.hidden_size:], None)
 
     def forward(self, u: torch.Tensor, h_prev: torch.Tensor | None, loop: int) -> torch.Tensor:
         """u [B, C, d] of loop `loop` (0-based), h_prev [B, C, d] or None at loop 0 -> h [B, C, d]."""
@@ -54,9 +78,29 @@ class LatentGate(nn.Module):
             return (loop * h_prev + u) / (loop + 1)         # z = t / (t + 1): running mean of u
         if self.mode == "ema":
             return self.ema_alpha * h_prev + (1 - self.ema_alpha) * u
-        logit = self.input_proj(u) + self.state_proj(h_prev) if self.mode == "gated" else self.logit
+        # [B, C, 2d] @ [2d, d]: u @ W_z + h_prev @ U_z + b_z in one matmul
+        logit = self.proj(torch.cat((u, h_prev), dim=-1)) if self.mode == "gated" else self.logit
         z = torch.sigmoid(logit)
         return z * h_prev + (1 - z) * u
+
+
+def _split_gate(module: LatentGate, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: the fused proj -> the paper's input_proj (W_z, b_z) and state_proj (U_z)."""
+    weight, bias = state_dict.pop(prefix + "proj.weight"), state_dict.pop(prefix + "proj.bias")
+    d = module.hidden_size
+    state_dict[prefix + "input_proj.weight"] = weight[:, :d]
+    state_dict[prefix + "input_proj.bias"] = bias
+    state_dict[prefix + "state_proj.weight"] = weight[:, d:]
+
+
+def _fuse_gate(module: LatentGate, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: input_proj / state_proj (checkpoints, older code) -> fused proj.
+    Partial sets are left as they are, so loading reports them as missing or unexpected."""
+    names = [prefix + n for n in ("input_proj.weight", "input_proj.bias", "state_proj.weight")]
+    if all(n in state_dict for n in names):
+        w_z, b_z, u_z = (state_dict.pop(n) for n in names)
+        state_dict[prefix + "proj.weight"] = torch.cat((w_z, u_z), dim=1)   # [d, 2d]
+        state_dict[prefix + "proj.bias"] = b_z
 
 
 def chunk_bounds(length: int, chunk_size: int | Sequence[int]) -> list[tuple[int, int]]:
@@ -103,7 +147,11 @@ class MeltLM(CausalLM):
 
     def _run_chunk(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         """All T loops over one chunk x [B, C, d] at positions start..start+C -> final s_T [B, C, d]."""
-        pos = self.positions(start, x.shape[1])
+        return self.run_positions(x, cache, self.positions(start, x.shape[1]), last_only=False)
+
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
+                      last_only: bool) -> torch.Tensor:
+        """One chunk (the decode step: a chunk of one token), all loops in lock-step -> s_T."""
         latents: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers  # N x [B, C, d]
 
         def latent_update(layer_idx: int, loop: int):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import LoopConfig
-from .layers import CausalLM
+from .layers import CausalLM, Positions
 
 
 def exit_probabilities(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -53,9 +53,11 @@ class OuroLM(CausalLM):
         return self.config.num_hidden_layers * self.config.loops
 
     def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
+        return self.run_positions(x, cache, self.positions(start_pos, x.shape[1]), last_only)
+
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
         c = self.config
         N, T = c.num_hidden_layers, c.loops
-        pos = self.positions(start_pos, x.shape[1])
         last_loop_slots = range((T - 1) * N, T * N)
         # After a last-loop-sharing prefill only the last loop's slots remain: every loop writes there.
         shared = cache is not None and c.kv_sharing == "last_loop" and not cache.has_slot(0) and T > 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-from .layers import CausalLM
+from .layers import CausalLM, Positions
 
 
 class StandardLM(CausalLM):
@@ -19,7 +19,9 @@ class StandardLM(CausalLM):
         return self.config.num_hidden_layers
 
     def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
-        pos = self.positions(start_pos, x.shape[1])
+        return self.run_positions(x, cache, self.positions(start_pos, x.shape[1]), last_only)
+
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
         for layer_idx, layer in enumerate(self.model.layers):
             x = layer(x, pos, cache, slot=layer_idx)
         return self.model.norm(x[:, -1:] if last_only else x)

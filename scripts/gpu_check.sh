@@ -1,39 +1,74 @@
 #!/usr/bin/env bash
-# GPU check: memory against sequence length and against loop depth for the three models at
-# Ouro-1.4B size, bfloat16, batch 1, on one GPU, and the CPU-side estimates (fake probe, memory
-# model) against the CUDA peaks (budget: 8 minutes on an H100). Sweeps write to
-# results/gpu_check/<gpu>/<experiment>/; their table, report, plots, config and the environment
-# are then copied to results/reference/<gpu>/, ready to commit.
+# GPU check at Ouro-1.4B size, bfloat16, batch 1, on one GPU (budget: 8 minutes on an H100):
+#   memory against sequence length (4K, 16K, 32K; loops 4) and against loop depth, the three models;
+#   decode speed at 4K context, loops 4: the three models and the hf_llama peer (compiled decode
+#     step with CUDA graphs; bandwidth utilization against the measured copy bandwidth);
+#   capacity at 32K, loops 4: the largest batch within the GPU's free memory and the decode
+#     throughput at it (eager decode, to keep the time in budget: every batch would compile anew);
+#   estimates: the memory_vs_seq_len points again with the fake probe (on this machine's CPU), and
+#     bench.estimates comparing fake and predicted peaks with the measured ones (target: 5 %).
+# Sweeps write to results/gpu_check/<gpu>/<experiment>/; their table, report, plots and config and
+# the environment are then copied to results/reference/<gpu>/, ready to commit.
 #   scripts/gpu_check.sh                    # uses .venv/bin/python, or PYTHON=...
-#   scripts/gpu_check.sh repeats=3          # extra overrides go to both sweeps
+#   scripts/gpu_check.sh repeats=3          # extra overrides go to every sweep
+#   GPU_CHECK_SMOKE=1 scripts/gpu_check.sh  # the same steps on CPU at size tiny, in about a minute:
+#                                           # writes under GPU_CHECK_OUT (default results/gpu_check/cpu_smoke)
+#   GPU_CHECK_ONLY="decode_speed capacity" scripts/gpu_check.sh   # some of the steps only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 
-gpu=$("$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.cuda.get_device_name().replace(" ", "_"))')
-out=results/gpu_check/$gpu
-ref=results/reference/$gpu
+if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
+    # CPU smoke mode: the script's logic with tiny sizes and the tracked probe; no GPU, no commit.
+    gpu=cpu_smoke
+    out=${GPU_CHECK_OUT:-results/gpu_check/cpu_smoke}
+    ref=$out/reference
+    common=(device=cpu probe=tracked size=tiny dtype=float32 repeats=1 warmup=0)
+    declare -A extra=(
+        [memory_vs_seq_len]="seq_len=64 new_tokens=2"
+        [memory_vs_depth]="loops=2 seq_len=64 new_tokens=2"
+        [decode_speed]="seq_len=64 new_tokens=2"
+        [capacity]="model=ouro,melt seq_len=256 new_tokens=2 chunk_size=32 budget_gb=0.003"  # chunk_size: MELT only
+    )
+else
+    gpu=$("$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.cuda.get_device_name().replace(" ", "_"))')
+    out=results/gpu_check/$gpu
+    ref=results/reference/$gpu
+    common=(device=cuda probe=cuda size=ouro-1.4b dtype=bfloat16)
+    declare -A extra=(
+        [memory_vs_seq_len]="seq_len=4096,16384,32768 batch=1"
+        [memory_vs_depth]="batch=1"
+        [decode_speed]="seq_len=4096 batch=1 loops=4"
+        [capacity]="seq_len=32768 loops=4 compile=false repeats=1"
+    )
+fi
+
 start=$SECONDS
-for experiment in memory_vs_seq_len memory_vs_depth; do
-    "$PY" run_bench.py -m "experiment=$experiment" device=cuda probe=cuda size=ouro-1.4b \
-        dtype=bfloat16 batch=1 "hydra.sweep.dir=$out/$experiment" "$@"
+# GPU_CHECK_ONLY="decode_speed capacity" runs a subset (the tests' smoke run does).
+for experiment in ${GPU_CHECK_ONLY:-memory_vs_seq_len memory_vs_depth decode_speed capacity}; do
+    echo "gpu_check: $experiment ($((SECONDS - start)) s so far)"
+    # shellcheck disable=SC2086  # the extra overrides are words on purpose
+    "$PY" run_bench.py -m "experiment=$experiment" "${common[@]}" ${extra[$experiment]} \
+        "hydra.sweep.dir=$out/$experiment" "$@"
     mkdir -p "$ref/$experiment"
     cp "$out/$experiment"/{table.csv,table.parquet,report.md,multirun.yaml,*.png} "$ref/$experiment/"
 done
-# Estimates vs CUDA: the three models at Ouro-1.4B, loops 4, 4K/16K/32K tokens, measured by the
-# cuda probe, then estimated by the fake probe (on this machine's CPU) for the same points;
-# bench.estimates writes the errors of the fake probe and the memory model (target: within 5 %).
-points=(size=ouro-1.4b dtype=bfloat16 loops=4 batch=1 new_tokens=4 repeats=1 scenario=generate
-        model=standard,ouro,melt seq_len=4096,16384,32000)
-"$PY" run_bench.py -m device=cuda probe=cuda "${points[@]}" "hydra.sweep.dir=$out/estimates_cuda" "$@"
-"$PY" run_bench.py -m device=cpu probe=fake "${points[@]}" "hydra.sweep.dir=$out/estimates_fake" "$@"
-mkdir -p "$ref/estimates"
-"$PY" -m bench.estimates "$out/estimates_cuda" "$out/estimates_fake" --out "$ref/estimates"
+if [[ " ${GPU_CHECK_ONLY:-memory_vs_seq_len} " == *" memory_vs_seq_len "* ]]; then
+    echo "gpu_check: estimates ($((SECONDS - start)) s so far)"
+    fake=(device=cpu probe=fake "${common[@]:2}")  # common starts with device=... probe=...
+    # shellcheck disable=SC2086
+    "$PY" run_bench.py -m experiment=memory_vs_seq_len "${fake[@]}" ${extra[memory_vs_seq_len]} \
+        "hydra.sweep.dir=$out/estimates_fake" "$@"
+    mkdir -p "$ref/estimates"
+    "$PY" -m bench.estimates "$out/memory_vs_seq_len" "$out/estimates_fake" --out "$ref/estimates"
+fi
 seconds=$((SECONDS - start))
 {
-    echo "# scripts/gpu_check.sh $*: ${seconds} s"
+    echo "# scripts/gpu_check.sh $*: ${seconds} s${GPU_CHECK_SMOKE:+ (GPU_CHECK_SMOKE=$GPU_CHECK_SMOKE)}"
     echo "git: $(git describe --always --dirty --abbrev=12)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    if [[ $gpu != cpu_smoke ]]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    fi
     "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
 } > "$ref/environment.txt"
 echo "gpu_check: ${seconds} s -> $out, copied to $ref"

@@ -81,4 +81,4 @@ def test_estimates_compare_fake_and_prediction_with_cuda_rows(tmp_path):
     assert list(table.phase) == ["prefill", "decode"]
     assert table["fake error %"].round(6).tolist() == [-2.0, 2.0]
     assert table["predicted error %"].round(6).tolist() == [5.0, 0.0]
-    assert main([str(tmp_path / "fake"), str(tmp_path / "cuda")]) == 2  # no cuda rows there
+    assert main([str(tmp_path / "fake"), str(tmp_path / "fake")]) == 2  # nothing measured there

@@ -1,0 +1,212 @@
+"""Issue 6 in the benchmark: the hf_llama peer row, the utilization columns against the measured
+machine limits, compile settings, and the capacity search."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import models
+from bench import env, roofline
+from bench.config import BenchConfig, ConfigError, resolve
+from bench.runner import decode_bytes_per_step, measure
+
+
+def _point(**kw):
+    base = dict(size="tiny", seq_len=48, new_tokens=3, repeats=1, warmup=0)
+    return resolve(BenchConfig(**{**base, **kw}))
+
+
+def test_hf_llama_row_through_the_same_probe_and_timers():
+    row = measure(_point(model="hf_llama", loops=4, scenario="generate"))
+    assert row["status"] == "ok", row["error"]
+    assert row["loops"] == 1 and row["compile"] is False
+    # DynamicCache allocates as it grows: at the end it holds exactly the analytic layout
+    assert row["kv_bytes_measured"] == row["kv_bytes_analytic"] > 0
+    assert row["kv_bytes_per_token"] == models.build_model("standard", "tiny").kv_bytes_per_token()
+    assert row["peak_decode_bytes"] > row["weights_bytes"] + row["kv_bytes_measured"] // 2
+    assert row["decode_tokens_per_s"] > 0 and row["bandwidth_utilization"] > 0
+
+
+def test_hf_llama_under_the_fake_probe_is_a_clear_error_row():
+    row = measure(_point(model="hf_llama", probe="fake"))
+    assert row["status"] == "error"
+    assert "probe: fake cannot run hf_llama" in row["error"] and "allowed: tracked | cuda" in row["error"]
+
+
+def test_bandwidth_utilization_is_bytes_times_steps_over_the_measured_copy_rate():
+    p = _point(model="ouro", loops=2, scenario="decode")
+    row = measure(p)
+    assert row["copy_bytes_per_s"] > 0 and row["matmul_flops_per_s"] > 0
+    model = models.build_model("ouro", "tiny", loops=2)
+    steps_per_s = row["decode_tokens_per_s"] / p.batch
+    expected = decode_bytes_per_step(model, p) * steps_per_s / row["copy_bytes_per_s"]
+    assert row["bandwidth_utilization"] == pytest.approx(expected, rel=1e-9)
+    assert row["decode_bound"] in ("weights", "kv", "compute")
+    assert row["prefill_utilization"] > 0 and row["prefill_bound"] in ("weights", "kv", "compute")
+
+
+def test_roofline_terms_and_bounds():
+    """Decode reads the layers once per loop, and T slots x layers of KV over the context."""
+    p = _point(model="ouro", loops=4, seq_len=100, new_tokens=1, batch=2)
+    ouro = models.build_model("ouro", "tiny", loops=4)
+    c = ouro.config
+    terms = roofline.decode_terms(ouro, p)
+    table = c.vocab_size * c.hidden_size * 4
+    assert terms["weights"] == 4 * (ouro.weights_bytes() - 2 * table) + table
+    assert terms["kv"] == 4 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4 * 100 * 2
+    melt = models.build_model("melt", "tiny", loops=4)
+    assert roofline.decode_terms(melt, p)["kv"] == terms["kv"]  # every loop reads every past row
+    bw, mm = 1e10, 1e11
+    assert roofline.bound(dict(weights=1e6, kv=1e3, flops=1e3), bw, mm) == "weights"
+    assert roofline.bound(dict(weights=1e6, kv=1e8, flops=1e3), bw, mm) == "kv"
+    assert roofline.bound(roofline.prefill_terms(ouro, _point(model="ouro", seq_len=1000)), bw, mm) == "compute"
+
+
+def test_env_limits_are_measured_once():
+    first = env.copy_bytes_per_s("cpu")
+    assert first > 1e8 and env.copy_bytes_per_s("cpu") is first  # cached: once per run
+    assert env.matmul_flops_per_s("cpu", "float32") > 1e8
+
+
+def test_compiled_timing_pass(monkeypatch):
+    """compile=true on CPU: the timed decode runs the compiled step (aot_eager here, for speed)."""
+    calls = []
+    original = models.CausalLM.compiled_decode_step
+
+    def compiled(self, mode=None, backend="inductor"):
+        calls.append(mode)
+        return original(self, mode=mode, backend="aot_eager")
+
+    monkeypatch.setattr(models.CausalLM, "compiled_decode_step", compiled)
+    row = measure(_point(model="melt", loops=2, scenario="decode", compile=True))
+    assert row["status"] == "ok", row["error"]
+    assert row["compile"] is True and calls == [None] and row["decode_tokens_per_s"] > 0
+
+
+def test_compile_is_auto_off_on_cpu_and_never_for_the_peer():
+    assert _point(model="melt").compile is False
+    assert _point(model="melt", compile=True).compile is True
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(model="hf_llama", compile=True), "compile"),
+    (dict(budget_gb=1.0), "budget_gb"),
+    (dict(capacity=True, budget_gb=-1.0), "budget_gb"),
+    (dict(capacity=True), "budget_gb"),  # on a CPU there is no free memory to default to
+    (dict(capacity=True, budget_gb=1.0, scenario="prefill"), "scenario"),
+    (dict(capacity=True, budget_gb=1.0, mem_limit_mib=10.0), "mem_limit_mib"),
+    (dict(model="llama"), "model"),
+])
+def test_bad_speed_settings_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: .*; allowed: "):
+        _point(**kw)
+
+
+# -- the capacity search -------------------------------------------------------------------------
+def test_capacity_search_finds_the_largest_batch(tmp_path):
+    """Doubling then bisection on the tracked probe's simulated budget; every trial is a row."""
+    import json
+
+    from bench import capacity
+    from bench.results import load_rows
+
+    point = _point(model="ouro", loops=2, seq_len=64, capacity=True, budget_gb=0.0012)
+    row = capacity.search(point, tmp_path, measure)
+    assert row["status"] == "ok", row["error"]
+    best, first_oom = row["capacity_max_batch"], row["capacity_first_oom"]
+    assert best >= 2 and first_oom == best + 1 and row["batch"] == best
+    assert row["budget_bytes"] == 1_200_000 and row["mem_limit_mib"] == pytest.approx(1_200_000 / 2**20)
+    assert row["peak_bytes"] <= row["budget_bytes"] and row["decode_tokens_per_s"] > 0
+    trials = {int(p.parent.name.split("=")[1]): json.loads(p.read_text())
+              for p in (tmp_path / "trials").rglob("result.json")}
+    # doubling up to the first OOM, then bisection: every trial below best fits, the rest do not
+    assert all(r["status"] == "ok" for b, r in trials.items() if b < best)
+    assert all(r["status"] == "oom" and "out of memory" in r["error"] for b, r in trials.items() if b > best)
+    assert {1, 2, first_oom} <= set(trials) | {best}  # doubling from 1, and the OOM that bounds it
+    assert best not in trials  # its row is the timed final one, written by the caller
+    assert all(r["peak_bytes"] <= 1_200_000 for r in trials.values() if r["status"] == "ok")
+    assert load_rows(tmp_path).batch.is_unique
+
+
+def test_capacity_when_not_even_one_sequence_fits(tmp_path):
+    from bench import capacity
+
+    row = capacity.search(_point(model="melt", capacity=True, budget_gb=1e-5), tmp_path, measure)
+    assert row["status"] == "oom" and row["capacity_max_batch"] == 0 and row["capacity_first_oom"] == 1
+
+
+# -- scripts/gpu_check.sh, in its CPU smoke mode ----------------------------------------------------
+def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
+    """The GPU check's steps (sweeps, copies to the reference folder, environment) on CPU at size
+    tiny: the logic a GPU run depends on, minus the GPU. The two memory sweeps it also runs go
+    through the same loop and are tested by test_bench_cli; left out here to save half a minute."""
+    import subprocess
+
+    import pandas as pd
+
+    from conftest import ROOT
+
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600,
+                         env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path),
+                              "GPU_CHECK_ONLY": "decode_speed capacity"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ref = tmp_path / "reference"
+    for experiment in ("decode_speed", "capacity"):
+        table = pd.read_csv(ref / experiment / "table.csv")
+        assert len(table) and (table.status.isin(["ok", "oom"])).all(), experiment
+        assert (ref / experiment / "report.md").exists()
+    decode = pd.read_csv(ref / "decode_speed" / "table.csv").set_index("model")
+    assert set(decode.index) == {"standard", "ouro", "melt", "hf_llama"}
+    assert decode.bandwidth_utilization.gt(0).all() and decode.decode_bound.notna().all()
+    assert "standard / hf_llama" in (ref / "decode_speed" / "report.md").read_text()
+    capacity = pd.read_csv(ref / "capacity" / "table.csv")
+    finals = capacity[capacity.capacity_max_batch.notna()].set_index("model")
+    assert set(finals.index) == {"ouro", "melt"}  # the smoke run searches these two only
+    assert (capacity.status == "oom").any()  # the search's OOM trials are rows
+    assert finals.capacity_max_batch["melt"] > finals.capacity_max_batch["ouro"] >= 1
+    assert (ref / "capacity" / "capacity.png").stat().st_size > 0
+    assert "GPU_CHECK_SMOKE=1" in (ref / "environment.txt").read_text()
+
+
+def test_compiled_scenario_reuses_a_full_cache_and_decodes_the_same():
+    """CUDA graphs need the cache at fixed addresses: compiled, a scenario reuses its cache (the
+    rows are all rewritten) unless slots were dropped (the LoopLM's last-loop sharing)."""
+    from bench.scenarios import Scenario
+
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 256, (2, 12))
+    for options, reused in ((dict(), True), (dict(kv_sharing="last_loop"), False)):
+        run = Scenario(models.build_model("ouro", "tiny", loops=2, **options), prompt, new_tokens=4)
+        run.static = True  # what compile() sets, without compiling
+        tokens = []
+        with torch.inference_mode():
+            for _ in range(2):
+                run.new_cache()
+                first = run.cache
+                logits, _ = run.prefill()
+                run.decode(logits)
+                tokens.append(run.model(prompt, cache=run.cache, start_pos=0, last_only=True))
+            run.new_cache()
+        assert (run.cache is first) == reused
+        torch.testing.assert_close(tokens[0], tokens[1])
+
+
+def test_capacity_report_of_an_untimed_search(tmp_path):
+    """probe=fake estimates the batches without timing: the report says so instead of failing."""
+    from bench import report
+    from bench.results import COLUMNS, write_row
+
+    for model, best in (("ouro", 2), ("melt", 9)):
+        write_row(tmp_path / model, {**dict.fromkeys(COLUMNS), "model": model, "size": "tiny", "loops": 4,
+                                     "seq_len": 64, "batch": best, "scenario": "generate", "status": "ok",
+                                     "probe": "fake", "dtype": "float32", "device": "cpu", "peak_bytes": 10,
+                                     "kv_bytes_analytic": 5, "budget_bytes": 100, "capacity_max_batch": best,
+                                     "capacity_first_oom": best + 1, "timestamp": "2026-01-01T00:00:00+00:00"})
+    report.build(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "MELT / LoopLM max batch 4.50, decode tok/s not timed (probe fake)" in text
+    assert (tmp_path / report.CAPACITY_PLOT).stat().st_size > 0
