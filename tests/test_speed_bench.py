@@ -141,8 +141,9 @@ def test_capacity_when_not_even_one_sequence_fits(tmp_path):
 # -- scripts/gpu_check.sh, in its CPU smoke mode ----------------------------------------------------
 def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     """The GPU check's steps (sweeps, copies to the reference folder, environment) on CPU at size
-    tiny: the logic a GPU run depends on, minus the GPU. The two memory sweeps it also runs go
-    through the same loop and are tested by test_bench_cli; left out here to save half a minute."""
+    tiny: the logic a GPU run depends on, minus the GPU. memory_vs_seq_len is there for the
+    estimates step (fake probe and memory model against the measured peaks); memory_vs_depth goes
+    through the same loop and is left out to save time."""
     import subprocess
 
     import pandas as pd
@@ -152,7 +153,7 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
                          text=True, timeout=600,
                          env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path),
-                              "GPU_CHECK_ONLY": "decode_speed capacity"})
+                              "GPU_CHECK_ONLY": "memory_vs_seq_len decode_speed capacity"})
     assert run.returncode == 0, run.stderr[-3000:]
     ref = tmp_path / "reference"
     for experiment in ("decode_speed", "capacity"):
@@ -170,6 +171,9 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     assert finals.capacity_max_batch["melt"] > finals.capacity_max_batch["ouro"] >= 1
     assert (ref / "capacity" / "capacity.png").stat().st_size > 0
     assert "GPU_CHECK_SMOKE=1" in (ref / "environment.txt").read_text()
+    estimates = pd.read_csv(ref / "estimates" / "estimate_vs_cuda.csv")
+    assert set(estimates.model) == {"standard", "ouro", "melt"} and set(estimates.phase) == {"prefill", "decode"}
+    assert estimates["fake error %"].abs().max() <= 1 and estimates["predicted error %"].abs().max() <= 1
 
 
 def test_compiled_scenario_reuses_a_full_cache_and_decodes_the_same():
