@@ -176,14 +176,30 @@ def check(df: pd.DataFrame, ceilings: dict) -> list[Finding]:
             excess = 100 * (measured / limit - 1)
             findings.append(Finding("ceiling", point, measured <= limit,
                                     f"{column} {int(measured):,} B, ceiling {limit:,} B ({excess:+.2f} %)"))
-    guards = ceilings["guards"]
+    return findings + check_guards(df, ceilings["guards"])
+
+
+NEEDS = {"melt_flat_in_loops": "a MELT setting measured at loops 1 and at another depth",
+         "ouro_kv_is_loops_x_standard": "a LoopLM row and a standard row of the same setting",
+         "melt_kv_is_standard": "a MELT row and a standard row of the same setting"}
+
+
+def check_guards(df: pd.DataFrame, guards: dict) -> list[Finding]:
+    """The structural guards switched on in `guards`. One that finds nothing to compare fails: a
+    guard must not pass by having no rows."""
     ok = df[df.status == "ok"]
-    if "melt_flat_in_loops" in guards:
-        findings += _melt_flat(ok, float(guards["melt_flat_in_loops"]))
-    if guards.get("ouro_kv_is_loops_x_standard"):
-        findings += _kv_vs_standard(ok, "ouro", lambda loops: loops, "ouro_kv_is_loops_x_standard")
-    if guards.get("melt_kv_is_standard"):
-        findings += _kv_vs_standard(ok, "melt", lambda loops: 1, "melt_kv_is_standard")
+    findings = []
+    for name, setting in guards.items():
+        if setting is False:
+            continue
+        if name == "melt_flat_in_loops":
+            found = _melt_flat(ok, float(setting))
+        elif name == "ouro_kv_is_loops_x_standard":
+            found = _kv_vs_standard(ok, "ouro", lambda loops: loops, name)
+        else:
+            found = _kv_vs_standard(ok, "melt", lambda loops: 1, name)
+        findings += found or [Finding(name, "-", False, f"nothing to compare: the results need {NEEDS[name]} "
+                                                        f"(or set {name}: false)")]
     return findings
 
 
@@ -306,9 +322,12 @@ def main(argv=None) -> int:
         if args.update:
             headroom = args.headroom if args.headroom is not None else (
                 (old or {}).get("headroom") or 0.05)
-            guards = (old or {}).get("guards") or {"melt_flat_in_loops": 0.02,
-                                                   "ouro_kv_is_loops_x_standard": True,
-                                                   "melt_kv_is_standard": True}
+            guards = (old or {}).get("guards")
+            if guards is None:  # a new file: every guard these results can exercise
+                every = {"melt_flat_in_loops": 0.02, "ouro_kv_is_loops_x_standard": True,
+                         "melt_kv_is_standard": True}
+                guards = {name: value for name, value in every.items()
+                          if not any(f.point == "-" for f in check_guards(df, {name: value}))}
             new = updated(df, headroom, guards)
             findings = check(df, new)  # the guards must hold before the file changes
             if not all(f.ok for f in findings):

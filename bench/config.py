@@ -162,6 +162,12 @@ def _check_speed_settings(c: BenchConfig) -> None:
     """The settings issue 6 added: compile, capacity, budget_gb."""
     if c.compile and c.model in PEER_NAMES:
         raise _bad("compile", f"{c.model} runs transformers' eager generate", "false or unset")
+    if c.model in PEER_NAMES and c.probe == "fake":  # generate's stopping checks read tensor values
+        raise _bad("probe", f"fake cannot run {c.model} (transformers' generate reads tensor values "
+                   "to decide when to stop)", "auto | tracked | cuda")
+    if c.model in PEER_NAMES and c.checkpoint is not None:
+        raise _bad("checkpoint", f"{c.model} is built with random weights from the size preset",
+                   "unset (checkpoints are for standard | ouro | melt)")
     if c.budget_gb is not None and c.budget_gb <= 0:
         raise _bad("budget_gb", f"got {c.budget_gb}", "a positive number of GB (1e9 bytes)")
     if c.budget_gb is not None and not c.capacity:

@@ -51,7 +51,8 @@ for experiment in ${GPU_CHECK_ONLY:-memory_vs_seq_len memory_vs_depth decode_spe
     "$PY" run_bench.py -m "experiment=$experiment" "${common[@]}" ${extra[$experiment]} \
         "hydra.sweep.dir=$out/$experiment" "$@"
     mkdir -p "$ref/$experiment"
-    cp "$out/$experiment"/{table.csv,table.parquet,report.md,multirun.yaml,*.png} "$ref/$experiment/"
+    cp "$out/$experiment"/{table.csv,table.parquet,report.md,*.png} "$ref/$experiment/"
+    "$PY" -m bench.portable "$out/$experiment/multirun.yaml" "$ref/$experiment/multirun.yaml"
 done
 if [[ " ${GPU_CHECK_ONLY:-memory_vs_seq_len} " == *" memory_vs_seq_len "* ]]; then
     echo "gpu_check: estimates ($((SECONDS - start)) s so far)"

@@ -153,3 +153,14 @@ def test_committed_ceilings_files_load():
         assert ceilings["ceilings"] and set(ceilings["guards"]) == {
             "melt_flat_in_loops", "ouro_kv_is_loops_x_standard", "melt_kv_is_standard"}
         assert yaml.safe_load(path.read_text())["headroom"] > 0
+
+
+def test_a_guard_with_nothing_to_compare_fails_and_update_leaves_it_out(tmp_path):
+    rows = [r for r in _rows() if r["model"] != "standard"]
+    folder = _folder(tmp_path, rows)
+    path = _update(tmp_path, folder)
+    assert set(load_ceilings(path)["guards"]) == {"melt_flat_in_loops"}  # no standard rows here
+    ceilings = {**load_ceilings(path), "guards": {"melt_kv_is_standard": True}}
+    failed = [f for f in check(load_results(folder), ceilings) if not f.ok]
+    assert [(f.check, f.point) for f in failed] == [("melt_kv_is_standard", "-")]
+    assert "nothing to compare" in failed[0].detail

@@ -30,10 +30,16 @@ def test_hf_llama_row_through_the_same_probe_and_timers():
     assert row["decode_tokens_per_s"] > 0 and row["bandwidth_utilization"] > 0
 
 
-def test_hf_llama_under_the_fake_probe_is_a_clear_error_row():
-    row = measure(_point(model="hf_llama", probe="fake"))
-    assert row["status"] == "error"
-    assert "probe: fake cannot run hf_llama" in row["error"] and "allowed: tracked | cuda" in row["error"]
+def test_hf_llama_refuses_the_fake_probe_and_checkpoints_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"^probe: fake cannot run hf_llama .*; allowed: auto \| tracked \| cuda$"):
+        _point(model="hf_llama", probe="fake")
+    with pytest.raises(ConfigError, match=r"^checkpoint: hf_llama is built with random weights"):
+        _point(model="hf_llama", checkpoint=str(tmp_path))
+
+
+def test_hf_llama_rows_have_no_memory_prediction():
+    row = measure(_point(model="hf_llama"))
+    assert row["status"] == "ok" and row["predicted_peak_bytes"] is None
 
 
 def test_bandwidth_utilization_is_bytes_times_steps_over_the_measured_copy_rate():
