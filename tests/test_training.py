@@ -126,15 +126,20 @@ def test_one_chunk_equals_full_sequence_training(teacher_dir):
     assert abs(chunked_loss - full_loss) > 1e-4
 
 
-def test_interpolation_is_linear_in_the_kv(teacher_dir):
-    """Halfway, a token of a later chunk reads 0.5 * (MELT rows) + 0.5 * (LoopLM rows): the
-    attention output of the first layer, first loop, of the first chunk already differs from both
-    end points only through the K/V (queries are shared)."""
+def test_interpolation_moves_from_the_teacher_to_melt(teacher_dir):
+    """alpha * KV_MELT + (1 - alpha) * KV_LoopLM off the end points: a small alpha is the teacher
+    (alpha = 0) up to O(alpha), an alpha near 1 is MELT, and halfway is neither. A swapped mix
+    (alpha on the LoopLM's rows) would put alpha = 1e-4 next to MELT instead."""
     student = _student(teacher_dir)
     tokens, _ = _batch()
     with torch.no_grad():
-        outs = [loop_forward(student, tokens, chunk_size=8, alpha=a).exit_logits[-1] for a in (0.0, 0.5, 1.0)]
-    assert (outs[1] - outs[0]).abs().max() > 1e-3 and (outs[1] - outs[2]).abs().max() > 1e-3
+        out = {a: loop_forward(student, tokens, chunk_size=8, alpha=a).exit_logits[-1]
+               for a in (0.0, 1e-4, 0.5, 1 - 1e-4, 1.0)}
+    apart = (out[1.0] - out[0.0]).abs().max()
+    assert apart > 1e-2
+    assert (out[1e-4] - out[0.0]).abs().max() < 1e-2 * apart
+    assert (out[1 - 1e-4] - out[1.0]).abs().max() < 1e-2 * apart
+    assert (out[0.5] - out[0.0]).abs().max() > 0.1 * apart and (out[0.5] - out[1.0]).abs().max() > 0.1 * apart
 
 
 def test_one_training_step_lowers_the_loss(teacher_dir):
