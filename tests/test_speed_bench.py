@@ -183,26 +183,34 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
 
 
 def test_compiled_scenario_reuses_a_full_cache_and_decodes_the_same():
-    """CUDA graphs need the cache at fixed addresses: compiled, a scenario reuses its cache (the
-    rows are all rewritten) unless slots were dropped (the LoopLM's last-loop sharing)."""
+    """CUDA graphs need the cache at fixed addresses: compiled, a scenario reuses its cache unless
+    slots were dropped (the LoopLM's last-loop sharing). A reused cache holds the previous round's
+    rows: the second round, on another prompt, must decode exactly as a fresh cache does."""
     from bench.scenarios import Scenario
 
+    def decoded(run):  # the logits of every decode step of one round
+        steps, step = [], run.step
+        run.step = lambda *args: steps.append(step(*args)) or steps[-1]
+        run.new_cache()
+        logits, _ = run.prefill()
+        run.decode(logits)
+        run.step = step
+        return torch.cat(steps)
+
     torch.manual_seed(0)
-    prompt = torch.randint(0, 256, (2, 12))
+    prompts = torch.randint(0, 256, (2, 2, 12))
     for options, reused in ((dict(), True), (dict(kv_sharing="last_loop"), False)):
-        run = Scenario(models.build_model("ouro", "tiny", loops=2, **options), prompt, new_tokens=4)
+        model = models.build_model("ouro", "tiny", loops=2, **options)
+        run = Scenario(model, prompts[0], new_tokens=4)
         run.static = True  # what compile() sets, without compiling
-        tokens = []
         with torch.inference_mode():
-            for _ in range(2):
-                run.new_cache()
-                first = run.cache
-                logits, _ = run.prefill()
-                run.decode(logits)
-                tokens.append(run.model(prompt, cache=run.cache, start_pos=0, last_only=True))
-            run.new_cache()
+            decoded(run)
+            first = run.cache
+            run.prompt = prompts[1]
+            second = decoded(run)
+            fresh = decoded(Scenario(model, prompts[1], new_tokens=4))
         assert (run.cache is first) == reused
-        torch.testing.assert_close(tokens[0], tokens[1])
+        torch.testing.assert_close(second, fresh, rtol=0, atol=0)
 
 
 def test_capacity_report_of_an_untimed_search(tmp_path):
