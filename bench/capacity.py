@@ -68,9 +68,18 @@ def search(point: BenchConfig, out_dir: Path, measure) -> dict:
         lo, hi = (mid, hi) if ok else (lo, mid)
     if lo == 0:                                     # not even one sequence fits: the OOM row
         return _final(rows[1], budget, 0, 1)
-    # The largest batch again, timed: its row replaces that trial's (same identity).
+    if hi is None:
+        log.warning("capacity %s: every batch up to %d fits within %.3f GB; %d is a lower bound",
+                    point.model, MAX_BATCH, budget / 1e9, lo)
+    # The largest batch again, timed: its row replaces that trial's (same identity). If the timed
+    # run fails (the timing pass allocates too), the trial's untimed row stays the evidence.
+    timed = measure(dataclasses.replace(limited, batch=lo), timed=True)
+    if timed["status"] != "ok":
+        log.warning("capacity %s: the timed run at batch %d ended %s (%s); keeping the untimed trial",
+                    point.model, lo, timed["status"], timed.get("error"))
+        return _final(rows[lo], budget, lo, hi)
     (out_dir / "trials" / f"batch={lo}" / RESULT_FILE).unlink()
-    return _final(measure(dataclasses.replace(limited, batch=lo), timed=True), budget, lo, hi)
+    return _final(timed, budget, lo, hi)
 
 
 def _final(row: dict, budget: int, max_batch: int | None, first_oom: int | None) -> dict:

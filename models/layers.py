@@ -352,7 +352,10 @@ class CausalLM(nn.Module):
         expected = set(model.state_dict())
         if config.tie_word_embeddings:
             expected.discard("lm_head.weight")
-        missing = {k for k in expected - set(state) if not k.startswith(cls.optional_keys)}
+        # Optional weights are all absent (a LoopLM checkpoint for MELT) or all present: a
+        # checkpoint holding some of them is incomplete, not a LoopLM's.
+        partial = bool(cls.optional_keys) and any(k.startswith(cls.optional_keys) for k in state)
+        missing = {k for k in expected - set(state) if partial or not k.startswith(cls.optional_keys)}
         unexpected = {k for k in set(state) - expected if not k.startswith(cls.ignored_keys)}
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: "

@@ -447,6 +447,16 @@ def test_checkpoint_mismatch_is_reported(tmp_path):
         OuroLM.from_pretrained(tmp_path)
 
 
+def test_a_checkpoint_with_part_of_the_gates_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build_model("melt", "tiny").save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in state.items() if "latent_gates.1." not in k}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing .*model.latent_gates.1"):
+        MeltLM.from_pretrained(tmp_path)
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, field", [
     (lambda: build_model("mamba"), "model"),
