@@ -31,7 +31,9 @@ def _dims(model):
 
 
 def decode_terms(model, p: BenchConfig) -> dict:
-    """Work of one decode step: bytes of weights and of KV read, and flops (mean context)."""
+    """Work of one decode step: bytes of weights and of KV read, and flops (mean context). The KV
+    term counts the rows a step must attend (its context); the masked fast step reads the whole
+    preallocated buffer (seq_len + new_tokens rows), at most new_tokens / 2 rows more."""
     c, itemsize, table, layer_bytes, kv_row, attn_flops = _dims(model)
     context = p.seq_len + (p.new_tokens - 1) / 2                    # mean past tokens attended
     N, T, B = c.num_hidden_layers, c.loops, p.batch

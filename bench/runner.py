@@ -185,17 +185,6 @@ def _timing_pass(p: BenchConfig, run: Scenario, limits: dict | None = None) -> d
     return speed
 
 
-def decode_bytes_per_step(model, p: BenchConfig) -> float:
-    """Bytes one decode step must read from memory, the roofline numerator: every loop reads the
-    layer weights (gates included) and one KV slot per layer over the context; the output head is
-    read once and the embedding only for one row (ignored). Context: its mean over the decode.
-    (bench.roofline.decode_terms, weights + kv.)"""
-    from .roofline import decode_terms
-
-    terms = decode_terms(model, p)
-    return terms["weights"] + terms["kv"]
-
-
 def _progress(job_num: int, row: dict, what: str) -> None:
     total = os.environ.get(POINTS_ENV, "?")
     start = float(os.environ.get(START_ENV, time.time()))

@@ -11,7 +11,7 @@ import torch
 import models
 from bench import env, roofline
 from bench.config import BenchConfig, ConfigError, resolve
-from bench.runner import decode_bytes_per_step, measure
+from bench.runner import measure
 
 
 def _point(**kw):
@@ -46,9 +46,13 @@ def test_bandwidth_utilization_is_bytes_times_steps_over_the_measured_copy_rate(
     p = _point(model="ouro", loops=2, scenario="decode")
     row = measure(p)
     assert row["copy_bytes_per_s"] > 0 and row["matmul_flops_per_s"] > 0
-    model = models.build_model("ouro", "tiny", loops=2)
+    # By hand, size tiny (d 64, f 128, 4 heads and 2 KV heads of 16, vocab 256, 2 layers), fp32:
+    layer_params = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 4 * 64   # q, o; k, v; MLP; 4 norms
+    weights = 4 * 2 * (2 * layer_params + 64 + 65) + 4 * 256 * 64   # 2 loops x (layers, final norm,
+    #                                                                   exit gate); the head once
+    kv = 2 * 2 * (2 * 2 * 16 * 4) * (48 + (3 - 1) / 2)   # loops x layers x K+V row x mean context
     steps_per_s = row["decode_tokens_per_s"] / p.batch
-    expected = decode_bytes_per_step(model, p) * steps_per_s / row["copy_bytes_per_s"]
+    expected = (weights + kv) * steps_per_s / row["copy_bytes_per_s"]
     assert row["bandwidth_utilization"] == pytest.approx(expected, rel=1e-9)
     assert row["decode_bound"] in ("weights", "kv", "compute")
     assert row["prefill_utilization"] > 0 and row["prefill_bound"] in ("weights", "kv", "compute")
