@@ -1,7 +1,7 @@
 """MELT post-training (spec section 5) on a synthetic multi-hop task, end to end.
 
     python train_melt.py                           # the default pipeline -> results/training/
-    python train_melt.py preset=quick out_dir=/tmp/quick
+    python train_melt.py preset=quick out_dir=results/training_quick
     python train_melt.py variants=[melt,melt_last] melt.chunk_size=8
 
 Trains a LoopLM teacher (cached), turns it into MELT (phase 1: interpolated K/V, phase 2:
