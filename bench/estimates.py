@@ -26,36 +26,36 @@ PHASES = {"prefill": ("peak_prefill_bytes", "predicted_prefill_bytes"),
           "decode": ("peak_decode_bytes", "predicted_decode_bytes")}
 
 
-def compare(cuda: pd.DataFrame, fake: pd.DataFrame) -> pd.DataFrame:
+def compare(measured: pd.DataFrame, fake: pd.DataFrame) -> pd.DataFrame:
     """One row per (point, phase) measured ok by both: measured, fake and predicted GB, errors in %."""
-    cuda = cuda[(cuda.probe != "fake") & (cuda.status == "ok")]
+    measured = measured[(measured.probe != "fake") & (measured.status == "ok")]
     fake = fake[(fake.probe == "fake") & (fake.status == "ok")]
-    both = cuda.merge(fake, on=MATCH, suffixes=("", "_fake"))
+    both = measured.merge(fake, on=MATCH, suffixes=("", "_fake"))
     rows = []
     for r in both.to_dict("records"):
-        for phase, (measured, predicted) in PHASES.items():
-            if pd.isna(r[measured]):
+        for phase, (peak, predicted) in PHASES.items():
+            if pd.isna(r[peak]):
                 continue
             rows.append({**{k: r[k] for k in ("model", "size", "loops", "seq_len", "batch")},
-                         "phase": phase, "probe": r["probe"], "measured GB": r[measured] / 1e9,
-                         "fake GB": r[measured + "_fake"] / 1e9, "predicted GB": r[predicted] / 1e9,
-                         "fake error %": 100 * (r[measured + "_fake"] / r[measured] - 1),
-                         "predicted error %": 100 * (r[predicted] / r[measured] - 1)})
+                         "phase": phase, "probe": r["probe"], "measured GB": r[peak] / 1e9,
+                         "fake GB": r[peak + "_fake"] / 1e9, "predicted GB": r[predicted] / 1e9,
+                         "fake error %": 100 * (r[peak + "_fake"] / r[peak] - 1),
+                         "predicted error %": 100 * (r[predicted] / r[peak] - 1)})
     return pd.DataFrame(rows)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.estimates", description=__doc__.split("\n")[0])
-    parser.add_argument("cuda", help="results folder measured with probe=cuda (or tracked)")
+    parser.add_argument("measured", help="results folder measured with probe=cuda (or tracked)")
     parser.add_argument("fake", help="results folder of the same points with probe=fake")
-    parser.add_argument("--out", help="where to write (default: the cuda folder)")
+    parser.add_argument("--out", help="where to write (default: the measured folder)")
     args = parser.parse_args(argv)
-    table = compare(load_rows(args.cuda), load_rows(args.fake))
+    table = compare(load_rows(args.measured), load_rows(args.fake))
     if table.empty:
-        print(f"{parser.prog}: error: no point measured ok by both {args.cuda} (not fake) and "
+        print(f"{parser.prog}: error: no point measured ok by both {args.measured} (not fake) and "
               f"{args.fake} (fake)", file=sys.stderr)
         return 2
-    out = Path(args.out or args.cuda)
+    out = Path(args.out or args.measured)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "estimate_vs_cuda.csv") as tmp:
         table.to_csv(tmp, index=False)

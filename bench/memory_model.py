@@ -124,6 +124,7 @@ def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | to
     kv_decode = kv // c.loops if (c.arch == "ouro" and c.kv_sharing == "last_loop") else kv
     logits = batch * c.vocab_size * b
     ids = batch * seq_len * 8                                 # the prompt's int64 token ids
+    prompt = batch * seq_len * c.hidden_size * b              # the embedded prompt (MELT: sliced per chunk)
     if c.arch == "melt" and seq_len > c.chunk_size:
         # The largest chunk pass: its activations and latents, and its [C, end] bool mask (the
         # first chunk needs none).
@@ -131,13 +132,10 @@ def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | to
                     + c.num_hidden_layers * batch * (end - begin) * c.hidden_size * b
                     + ((end - begin) * end if begin > 0 else 0)
                     for begin, end in chunk_bounds(seq_len, c.chunk_size))
-        prompt = batch * seq_len * c.hidden_size * b          # the embedded prompt, sliced per chunk
         prefill = ids + prompt + chunk + logits
     else:
-        prompt = batch * seq_len * c.hidden_size * b          # the embedded prompt
-        exits = c.loops * batch * seq_len * c.hidden_size * b if (
-            c.arch == "ouro" and c.exit_policy != "last") else 0
-        latents = c.num_hidden_layers * batch * seq_len * c.hidden_size * b if c.arch == "melt" else 0
+        exits = c.loops * prompt if (c.arch == "ouro" and c.exit_policy != "last") else 0
+        latents = c.num_hidden_layers * prompt if c.arch == "melt" else 0
         prefill = ids + prompt + pass_bytes(c, batch, seq_len, dtype) + exits + latents + logits
     decode = ids + pass_bytes(c, batch, 1, dtype) + 2 * logits  # this step's and the last step's logits
     return Prediction(num_parameters(c) * b, kv, kv_decode, prefill, decode)
