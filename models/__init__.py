@@ -48,15 +48,30 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_from_config(config: LoopConfig, dtype=None, device=None) -> CausalLM:
-    """A model of config.arch in eval mode, randomly initialised (nothing on the meta device)."""
+def build_from_config(config: LoopConfig, dtype=None, device=None, init: bool = True) -> CausalLM:
+    """A model of config.arch in eval mode, randomly initialised (nothing on the meta device).
+    init=False leaves the parameters uninitialised (torch.empty), for weights about to be loaded:
+    the model is built on the meta device and given real storage once, with nothing computed."""
     dtype, device = _as_dtype(dtype), torch.device(device or "cpu")
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device if init else "meta"), _default_dtype(dtype):
         model = MODEL_CLASSES[config.arch](config)
-    if device.type != "meta":
+    if not init and device.type != "meta":
+        _materialize(model, device)
+    elif device.type != "meta":
         with torch.no_grad():
             model.init_weights()
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every meta parameter uninitialised storage on `device`, keeping tied ones tied
+    (Module.to_empty would untie them, and cannot swap the fake tensors of the fake probe)."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in new:
+                new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            setattr(module, name, new[id(p)])
 
 
 def build_model(name: str, size: str = "tiny", loops: int | None = None, *, dtype=None, device=None,

@@ -17,11 +17,19 @@ import torch
 class KVCache:
     def __init__(self, num_slots: int, batch_size: int, num_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.dtype, self.device = dtype, device
         self.batch_size, self.max_len = batch_size, max_len
+        self.static = False
         # One tensor per slot (not one big block) so that a slot can be dropped on its own.
-        self.keys: list[torch.Tensor | None] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_slots)]
-        self.values: list[torch.Tensor | None] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_slots)]
+        self.keys: list[torch.Tensor | None] = [self._buffer() for _ in range(num_slots)]
+        self.values: list[torch.Tensor | None] = [self._buffer() for _ in range(num_slots)]
+
+    def _buffer(self) -> torch.Tensor:
+        t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        if self.static:
+            torch._dynamo.mark_static_address(t)
+        return t
 
     @staticmethod
     def slot_bytes(batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -47,11 +55,27 @@ class KVCache:
         return keys[:, :, :end], values[:, :, :end]
 
     def mark_static(self) -> "KVCache":
-        """Tell torch.compile the buffers keep their addresses (so CUDA graphs can read and write
-        them in place between replays instead of copying them in and out). Eager code ignores it."""
-        for t in self.keys + self.values:
-            if t is not None:
-                torch._dynamo.mark_static_address(t)
+        """Tell torch.compile the buffers keep their addresses, now and when reset() makes them
+        again: CUDA graphs then read and write them in place between replays. A compiled step that
+        mutates an input not marked static is not captured as a CUDA graph at all (inductor skips
+        it for "mutated inputs"). Eager code ignores the mark."""
+        self.static = True
+        for t in self.buffers():
+            torch._dynamo.mark_static_address(t)
+        return self
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors the cache holds now."""
+        return [t for t in self.keys + self.values if t is not None]
+
+    def reset(self) -> "KVCache":
+        """Ready for the next prompt: slots dropped after a prefill are allocated again, the kept
+        ones stay where they are (so a compiled step sees the same addresses every time). Rows are
+        not cleared: a prefill overwrites every row a later query can see."""
+        for slots in (self.keys, self.values):
+            for i, t in enumerate(slots):
+                if t is None:
+                    slots[i] = self._buffer()
         return self
 
     def keep_slots(self, slots) -> None:

@@ -9,6 +9,8 @@ RMSNorms per layer where Ouro's layer has four, so 2 * d * N fewer parameters th
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from .config import LoopConfig
 
 class HFLlamaLM(nn.Module):
     arch = "hf_llama"
+    compilable = False  # run the way transformers users run it: eager, through generate
 
     def __init__(self, config: LoopConfig):
         super().__init__()
@@ -68,8 +71,76 @@ class HFLlamaLM(nn.Module):
         """input_ids [B, S] -> logits [B, S, V] (or [B, 1, V]), uncached."""
         return self.hf(input_ids, use_cache=False, logits_to_keep=1 if last_only else 0).logits
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """HF's greedy generate with its default cache: [B, S] -> [B, S + max_new_tokens]."""
-        return self.hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    # -- the runtime's interface (models/runtime.py) ---------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int) -> "HFCache":
+        return HFCache(self.hf.config)
+
+    def prefill(self, input_ids: torch.Tensor, cache: "HFCache", chunk_size: int | None = None) -> torch.Tensor:
+        """The prompt through the model's forward into its DynamicCache (chunk by chunk when
+        chunk_size is given, as the other models prefill) -> last logits [B, 1, V]."""
+        from .layers import chunk_bounds
+
+        for begin, end in chunk_bounds(input_ids.shape[1], chunk_size or input_ids.shape[1]):
+            logits = self.hf(input_ids[:, begin:end], use_cache=True, logits_to_keep=1,
+                             **{_cache_keyword(self.hf): cache.hf_cache}).logits
+        return logits
+
+    def decode(self, token: torch.Tensor, cache: "HFCache", start_pos: int, steps: int, step=None,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """transformers' own greedy `generate`, continuing from the cache (which holds start_pos
+        tokens): `steps` tokens after `token`. A logits processor calls on_step once per step, as
+        that step's scores are ready; generate's set-up runs before the first call."""
+        from transformers import LogitsProcessorList
+
+        if step is not None:
+            raise ValueError("compile: hf_llama runs transformers' eager generate; allowed: false")
+        if steps == 0:
+            return token[:, :0]
+        # generate wants the whole sequence; only the positions past the cache are run
+        ids = torch.cat([torch.zeros_like(token).expand(-1, start_pos), token], dim=1)
+
+        def mark(input_ids, scores):
+            if on_step is not None:
+                on_step()
+            return scores
+
+        out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               **{_cache_keyword(self.hf): cache.hf_cache}, max_new_tokens=steps,
+                               min_new_tokens=steps, logits_processor=LogitsProcessorList([mark]))
+        return out[:, start_pos + 1:]
+
+
+class HFCache:
+    """transformers' DynamicCache (what generate makes by default: it grows by concatenation) behind
+    the runtime's cache interface."""
+
+    def __init__(self, hf_config):
+        self.hf_config = hf_config
+        self.reset()
+
+    def reset(self) -> "HFCache":
+        from transformers import DynamicCache
+
+        self.hf_cache = None
+        self.hf_cache = DynamicCache(config=self.hf_config)
+        return self
+
+    def mark_static(self) -> "HFCache":
+        return self  # nothing is compiled
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for layer in self.hf_cache.layers
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)]
+
+    def nbytes(self) -> int:
+        """Bytes the cache's tensors hold now (it allocates as it grows, not up front)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+
+def _cache_keyword(hf_model) -> str:
+    """transformers renamed `past_key_values` to `cache` in its newest releases (the old name
+    warns); older 5.x releases, as on the GPU machines, know only the old one."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"

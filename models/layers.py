@@ -7,19 +7,16 @@ Parameter names follow Ouro's Hugging Face checkpoints (`model.layers.{i}.self_a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cache import KVCache
 from .config import ConfigError, LoopConfig
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 class RMSNorm(nn.Module):
@@ -108,10 +105,28 @@ class Attention(nn.Module):
         q, k = pos.rotate(q), pos.rotate(k)
         if cache is not None:
             k, v = cache.update(slot, pos.start, k, v)                                          # [B, Hkv, start+S, D]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=pos.mask, is_causal=pos.mask is None and S > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads)
+        out = attend(q, k, v, pos.mask)                                                         # [B, H, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of q [B, H, S, D] over k, v [B, Hkv, L, D] -> [B, H, S, D], causal when
+    there is no mask, never repeating K/V for grouped-query attention (H = G * Hkv).
+
+    SDPA's `enable_gqa` is passed only without a mask: on a GPU, a masked grouped call has no fused
+    kernel and falls back to the math kernel, which repeats K/V G times (at 32K tokens, hundreds of
+    MB per layer per step). With a mask, the G query heads of a group ride along the query axis
+    instead: q becomes [B, Hkv, G * S, D] (row g * S + s is head kv * G + g, token s) against the
+    unrepeated K/V, and the mask [S, L] is stacked G times (the decode step's [1, L] broadcasts)."""
+    B, H, S, D = q.shape
+    groups = H // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=groups > 1)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    folded = q.reshape(B, k.shape[1], groups * S, D)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(groups, 1) if S > 1 else mask)
+    return out.view(B, H, S, D)
 
 
 class MLP(nn.Module):
@@ -165,12 +180,27 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def chunk_bounds(length: int, chunk_size: int | Sequence[int]) -> list[tuple[int, int]]:
+    """[(begin, end)] covering 0..length in chunks of chunk_size (or of the given sizes)."""
+    sizes = [chunk_size] * -(-length // chunk_size) if isinstance(chunk_size, int) else list(chunk_size)
+    bounds, begin = [], 0
+    for size in sizes:
+        if begin >= length:
+            break
+        bounds.append((begin, min(begin + size, length)))
+        begin += size
+    if begin < length:
+        raise ValueError(f"chunk_size: sizes {list(chunk_size)} cover {begin} of {length} tokens")
+    return bounds
+
+
 class CausalLM(nn.Module):
-    """What the three models share: embeddings, LM head, cache set-up, input checks, greedy
-    generation and checkpoints. Subclasses say how many KV slots they need and how the layers run.
-    """
+    """What the three models share: embeddings, LM head, cache set-up, input checks, the prompt's
+    (chunked) forward, the static decode step, and checkpoints. Subclasses say how many KV slots
+    they need and how the layers run over a block of tokens (run_positions)."""
 
     arch: str = ""
+    compilable = True  # decode_step goes under torch.compile whole (models/runtime.py)
     # Checkpoint keys a model may lack (freshly initialised) or ignore when loading.
     optional_keys: tuple[str, ...] = ()
     ignored_keys: tuple[str, ...] = ()
@@ -187,22 +217,37 @@ class CausalLM(nn.Module):
     def num_cache_slots(self) -> int:
         raise NotImplementedError
 
-    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
-                   last_only: bool) -> torch.Tensor:
-        """Embedded tokens [B, S, d] -> final normed hidden states [B, S, d] (may be [B, 1, d] if
-        last_only). Subclasses may take extra keyword options, passed through from forward."""
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
+                      last_only: bool) -> torch.Tensor:
+        """The layers over a block of embedded tokens x [B, S, d] at `pos` -> final normed hidden
+        states [B, S, d] ([B, 1, d] may do when last_only)."""
         raise NotImplementedError
 
+    def default_chunk_size(self) -> int | None:
+        """The chunk of a forward that names none: one pass (None), except where chunks are part of
+        the method (MELT)."""
+        return None
+
+    def end_prefill(self, cache: KVCache) -> None:
+        """The prompt is in: a cache policy that keeps more during the prefill than after it
+        (the LoopLM's last-loop sharing) lets go of the rest here."""
+
     # -- weights ------------------------------------------------------------------------------
-    def init_weights(self, std: float = 0.02) -> None:
-        """Random init in the usual HF style: N(0, std) matrices, unit norms, zero biases."""
-        for module in self.modules():
+    def init_weights(self, std: float = 0.02, prefix: str = "") -> None:
+        """Random init in the usual HF style: N(0, std) matrices, unit norms, zero biases and zero
+        for any other parameter; only the modules under `prefix` (e.g. "model.latent_gates")."""
+        for name, module in self.named_modules():
+            if not name.startswith(prefix):
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            else:
+                for p in module.parameters(recurse=False):
+                    nn.init.zeros_(p)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
@@ -248,15 +293,33 @@ class CausalLM(nn.Module):
         return Positions.make(start, length, c.head_dim, c.rope_theta, self.dtype, self.device)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False, **options) -> torch.Tensor:
+                last_only: bool = False, chunk_size: int | Sequence[int] | None = None,
+                end_prefill: bool = True) -> torch.Tensor:
         """input_ids [B, S] at positions start_pos.. -> logits [B, S, V], or [B, 1, V] for the last
-        position only (a long prefill then never materialises [B, S, V]). `options` go to
-        run_layers (MELT: chunk_size)."""
+        position only (a long prefill then never materialises [B, S, V]).
+
+        chunk_size (an int, or a list of chunk lengths; default: default_chunk_size()) runs the
+        tokens chunk after chunk, every loop of a chunk before the next one starts; later chunks
+        read earlier chunks' K/V from the cache (a scratch cache when none is given). For the
+        standard model and the per-loop LoopLM that is exactly the one-pass result; for MELT the
+        chunks are part of the method. A prompt given in several calls is one prefill: pass
+        end_prefill=False to all calls but the last (see end_prefill())."""
         self._check_inputs(input_ids, cache, start_pos)
-        hidden = self.run_layers(self.model.embed_tokens(input_ids), cache, start_pos, last_only, **options)
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.lm_head(hidden)
+        B, S = input_ids.shape
+        bounds = chunk_bounds(S, chunk_size or self.default_chunk_size() or S)
+        if cache is None and len(bounds) > 1:
+            cache = self.new_cache(B, S)
+        hidden = []
+        for begin, end in bounds:
+            if last_only:  # earlier chunks only fill the cache: free their output before the next
+                hidden.clear()
+            # The chunk's embedding [B, C, d] is not named here: the layers free it once used.
+            hidden.append(self.run_positions(self.model.embed_tokens(input_ids[:, begin:end]), cache,
+                                             self.positions(start_pos + begin, end - begin), last_only))
+        if cache is not None and end_prefill:
+            self.end_prefill(cache)
+        hidden = torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
     def _check_inputs(self, input_ids: torch.Tensor, cache: KVCache | None, start_pos: int) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 \
@@ -278,12 +341,10 @@ class CausalLM(nn.Module):
             raise ConfigError("start_pos", f"start_pos {start_pos} + length {S} is beyond the cache "
                               f"(max_len {cache.max_len})", f"start_pos + length <= {cache.max_len}")
 
-    # -- the fast decode step --------------------------------------------------------------------
-    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
-                      last_only: bool) -> torch.Tensor:
-        """The layers over x [B, S, d] at `pos` -> final normed hidden states (what run_layers does
-        once it has its Positions; the decode step calls it with Positions.at)."""
-        raise NotImplementedError
+    # -- the runtime's interface (models/runtime.py) ---------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache, chunk_size: int | None = None) -> torch.Tensor:
+        """The prompt [B, S] into a fresh cache -> logits of its last position [B, 1, V]."""
+        return self(input_ids, cache=cache, start_pos=0, last_only=True, chunk_size=chunk_size)
 
     def decode_step(self, token: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
         """One decode token per sequence, token [B, 1] at position pos (int64 tensor [1]) -> logits
@@ -296,69 +357,35 @@ class CausalLM(nn.Module):
         hidden = self.run_positions(self.model.embed_tokens(token), cache, positions, last_only=True)
         return self.lm_head(hidden)
 
-    def compiled_decode_step(self, mode: str | None = None, backend: str = "inductor"):
-        """decode_step under torch.compile (fullgraph: a graph break is an error, not a slow
-        path), made once per model and (mode, backend). mode "reduce-overhead" adds CUDA graphs;
-        call cache.mark_static() on caches it will see."""
-        compiled = self.__dict__.setdefault("_compiled_steps", {})
-        if (mode, backend) not in compiled:
-            compiled[(mode, backend)] = torch.compile(self.decode_step, mode=mode, backend=backend,
-                                                      fullgraph=True, dynamic=False)
-        return compiled[(mode, backend)]
+    def decode(self, token: torch.Tensor, cache: KVCache, start_pos: int, steps: int,
+               step: Callable | None = None, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """`steps` greedy steps from token [B, 1] at start_pos with decode_step (or `step`, the
+        compiled one) -> the chosen tokens [B, steps]."""
+        from .runtime import greedy_decode
+
+        return greedy_decode(step or self.decode_step, token, cache, start_pos, steps, on_step)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the KV cache: [B, S] -> [B, S + max_new_tokens]. The prompt goes
-        through forward, every later token through the fast decode_step."""
-        B, S = input_ids.shape
-        cache = self.new_cache(B, S + max_new_tokens)
-        next_token = self(input_ids, cache=cache, last_only=True).argmax(-1)       # [B, 1]
-        tokens = [input_ids, next_token]
-        pos = torch.tensor([S], device=input_ids.device)
-        for _ in range(1, max_new_tokens):
-            next_token = self.decode_step(next_token, cache, pos).argmax(-1)
-            tokens.append(next_token)
-            pos += 1
-        return torch.cat(tokens[: 1 + max_new_tokens], dim=1)
+        """Greedy decoding with the KV cache: [B, S] -> [B, S + max_new_tokens] (the prompt
+        through forward, every later token through decode_step; models/runtime.py)."""
+        from .runtime import generate
 
-    # -- checkpoints (Hugging Face layout: config.json + model.safetensors) --------------------
+        return generate(self, input_ids, max_new_tokens)
+
+    # -- checkpoints (Hugging Face layout; models/checkpoints.py) ------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        os.makedirs(path, exist_ok=True)
-        self.config.save_pretrained(path)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        from .checkpoints import save
+
+        save(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu", **overrides) -> "CausalLM":
-        """Load a checkpoint directory, ours or Ouro's (model_type "ouro", `total_ut_steps`).
-        Weights this model has and the checkpoint lacks (MELT's gates) are freshly initialised;
-        weights it does not use (the early-exit gate, for the standard model) are ignored."""
-        from . import build_from_config  # the registry lives in models/__init__.py
+        """Load a checkpoint: a folder (ours, or Ouro's as downloaded) or a Hugging Face hub id
+        from the local cache. Weights this model has and the checkpoint lacks (MELT's gates) are
+        freshly initialised; weights it does not use (the early-exit gate, for the standard model)
+        are ignored. See models/checkpoints.py."""
+        from .checkpoints import load
 
-        with open(os.path.join(path, "config.json")) as f:
-            fields = json.load(f)
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "arch"):
-            fields.pop(key, None)
-        if fields.get("rope_scaling", 0) is None:  # Ouro writes null; RoPE here is unscaled anyway
-            fields.pop("rope_scaling")
-        config = LoopConfig(arch=cls.arch, **{**fields, **overrides})
-        if cls.arch == "standard":
-            config.loops = 1
-        model = build_from_config(config.validate(), dtype=dtype, device=device)
-        state = load_file(os.path.join(path, WEIGHTS_NAME), device=str(model.device))
-        expected = set(model.state_dict())
-        if config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-        # Optional weights are all absent (a LoopLM checkpoint for MELT) or all present: a
-        # checkpoint holding some of them is incomplete, not a LoopLM's.
-        partial = bool(cls.optional_keys) and any(k.startswith(cls.optional_keys) for k in state)
-        missing = {k for k in expected - set(state) if partial or not k.startswith(cls.optional_keys)}
-        unexpected = {k for k in set(state) - expected if not k.startswith(cls.ignored_keys)}
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: "
-                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-        return model
+        return load(cls, path, dtype=dtype, device=device, **overrides)

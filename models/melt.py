@@ -19,14 +19,14 @@ gate) or 0 ("zero").
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .cache import KVCache
 from .config import LoopConfig
-from .layers import CausalLM, Positions
+from .layers import CausalLM, Positions, chunk_bounds  # noqa: F401 (chunk_bounds: re-exported)
 
 
 class _Half(NamedTuple):
@@ -103,20 +103,6 @@ def _fuse_gate(module: LatentGate, state_dict: dict, prefix: str, *args) -> None
         state_dict[prefix + "proj.bias"] = b_z
 
 
-def chunk_bounds(length: int, chunk_size: int | Sequence[int]) -> list[tuple[int, int]]:
-    """[(begin, end)] covering 0..length in chunks of chunk_size (or of the given sizes)."""
-    sizes = [chunk_size] * -(-length // chunk_size) if isinstance(chunk_size, int) else list(chunk_size)
-    bounds, begin = [], 0
-    for size in sizes:
-        if begin >= length:
-            break
-        bounds.append((begin, min(begin + size, length)))
-        begin += size
-    if begin < length:
-        raise ValueError(f"chunk_size: sizes {list(chunk_size)} cover {begin} of {length} tokens")
-    return bounds
-
-
 class MeltLM(CausalLM):
     arch = "melt"
     optional_keys = ("model.latent_gates.",)  # absent from a LoopLM checkpoint: freshly initialised
@@ -129,39 +115,26 @@ class MeltLM(CausalLM):
     def num_cache_slots(self) -> int:
         return self.config.num_hidden_layers
 
-    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool,
-                   chunk_size: int | Sequence[int] | None = None) -> torch.Tensor:
-        """chunk_size (an int, or a list of chunk lengths) overrides config.chunk_size for this call;
-        chunks start at start_pos: model(ids, cache=cache, start_pos=p, chunk_size=[8, 1, 1])."""
-        B, S, _ = x.shape
-        bounds = chunk_bounds(S, chunk_size or self.config.chunk_size)
-        if cache is None and len(bounds) > 1:
-            # Later chunks read earlier chunks' final rows: keep them in a scratch cache.
-            cache = self.new_cache(B, S)
-        outputs = []
-        for begin, end in bounds:
-            if last_only:  # earlier chunks only fill the cache: free their output before the next
-                outputs.clear()
-            outputs.append(self._run_chunk(x[:, begin:end], cache, start_pos + begin))
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-
-    def _run_chunk(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
-        """All T loops over one chunk x [B, C, d] at positions start..start+C -> final s_T [B, C, d]."""
-        return self.run_positions(x, cache, self.positions(start, x.shape[1]), last_only=False)
+    def default_chunk_size(self) -> int:
+        return self.config.chunk_size
 
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
                       last_only: bool) -> torch.Tensor:
         """One chunk (the decode step: a chunk of one token), all loops in lock-step -> s_T."""
+        T = self.config.loops
         latents: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers  # N x [B, C, d]
 
         def latent_update(layer_idx: int, loop: int):
             def update(u: torch.Tensor) -> torch.Tensor:
-                latents[layer_idx] = self.model.latent_gates[layer_idx](u, latents[layer_idx], loop)
-                return latents[layer_idx]
+                h = self.model.latent_gates[layer_idx](u, latents[layer_idx], loop)
+                # After the last loop no latent is read again: none is kept (with one loop MELT
+                # then holds exactly what the standard model holds).
+                latents[layer_idx] = h if loop < T - 1 else None
+                return h
             return update
 
-        for loop in range(self.config.loops):
+        for loop in range(T):
             for layer_idx, layer in enumerate(self.model.layers):
                 x = layer(x, pos, cache, slot=layer_idx, latent=latent_update(layer_idx, loop))
-            x = self.model.norm(x)
+            x = self.model.norm(x[:, -1:] if last_only and loop == T - 1 else x)
         return x  # the latents die with the chunk

@@ -52,8 +52,11 @@ class OuroLM(CausalLM):
     def num_cache_slots(self) -> int:
         return self.config.num_hidden_layers * self.config.loops
 
-    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
-        return self.run_positions(x, cache, self.positions(start_pos, x.shape[1]), last_only)
+    def end_prefill(self, cache: KVCache) -> None:
+        """Last-loop sharing: once the whole prompt is in, keep only the last loop's N slots."""
+        c = self.config
+        if c.kv_sharing == "last_loop":
+            cache.keep_slots(range((c.loops - 1) * c.num_hidden_layers, c.loops * c.num_hidden_layers))
 
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
         c = self.config
@@ -66,11 +69,11 @@ class OuroLM(CausalLM):
             for layer_idx, layer in enumerate(self.model.layers):
                 slot = last_loop_slots[layer_idx] if shared else loop * N + layer_idx
                 x = layer(x, pos, cache, slot)
-            x = self.model.norm(x)                                   # s_t: exit t and input of loop t+1
-            if c.exit_policy != "last":
-                exits.append(x[:, -1:] if last_only else x)
-        if cache is not None and c.kv_sharing == "last_loop":
-            cache.keep_slots(last_loop_slots)
+            # s_t: exit t and the input of loop t+1 (the last loop's only at the last position
+            # when that is all the caller wants)
+            x = self.model.norm(x[:, -1:] if last_only and loop == T - 1 else x)
+            if c.exit_policy != "last":  # (a copy of the last position: a view would keep all of x)
+                exits.append(x[:, -1:].clone() if last_only else x)
         if c.exit_policy == "last":
             return x
         if c.exit_policy == "fixed":

@@ -18,9 +18,6 @@ class StandardLM(CausalLM):
     def num_cache_slots(self) -> int:
         return self.config.num_hidden_layers
 
-    def run_layers(self, x: torch.Tensor, cache: KVCache | None, start_pos: int, last_only: bool) -> torch.Tensor:
-        return self.run_positions(x, cache, self.positions(start_pos, x.shape[1]), last_only)
-
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
         for layer_idx, layer in enumerate(self.model.layers):
             x = layer(x, pos, cache, slot=layer_idx)

@@ -10,6 +10,7 @@ import torch
 
 from models import build_model
 from models.melt import LatentGate
+from models.runtime import Engine
 
 from test_models import TOL, tokens
 
@@ -68,7 +69,7 @@ def test_compiled_step_captures_whole_and_matches_eager(name, options):
     model = _model(name, **options)
     ids = tokens(1, batch=2, length=12)
     eager = _decode(model, ids, 5, model.decode_step)
-    compiled = model.compiled_decode_step(backend="aot_eager")
+    compiled = Engine(model, compile=True, backend="aot_eager").compiled_step()
     torch.testing.assert_close(_decode(model, ids, 5, compiled), eager, **TOL[torch.float32])
     # one graph for all 7 steps: the position is a tensor, so no step recompiles
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -84,7 +85,7 @@ def test_inductor_compiled_step_matches_eager():
     model = _model("standard")
     ids = tokens(2, batch=1, length=8)
     eager = _decode(model, ids, 6, model.decode_step)
-    compiled = _decode(model, ids, 6, model.compiled_decode_step())
+    compiled = _decode(model, ids, 6, Engine(model, compile=True).compiled_step())
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
 
 

@@ -1,0 +1,176 @@
+"""The runtime: what drives a model for the benchmark, for generate and for training's evaluation.
+
+The model files hold modules (layers, loops, cache policies); this one holds how they are run,
+the way gpt-fast keeps generate.py apart from model.py:
+
+    engine = Engine(model, compile=True)          # compile: the decode step under torch.compile
+    cache = engine.new_cache(batch, max_len)      # marked static when compiled (CUDA graphs)
+    logits = engine.prefill(prompt, cache, chunk_size=500)
+    tokens = engine.decode(logits, cache, start_pos=S, steps=32, timer=StepTimer(device))
+
+Every model the benchmark runs, ours and the transformers peer (models/hf_llama.py), has the small
+`LanguageModel` interface below, so nothing above this file asks which kind of model it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Protocol
+
+import torch
+
+Step = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+
+
+class LanguageModel(Protocol):
+    """What the runtime and the benchmark need of a model."""
+
+    config: object
+    compilable: bool  # whether decode_step may go under torch.compile (ours: yes; the peer: no)
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> torch.device: ...
+    def weights_bytes(self) -> int: ...
+    def kv_cache_bytes(self, batch_size: int, max_len: int) -> int: ...
+    def kv_bytes_per_token(self) -> int: ...
+
+    def new_cache(self, batch_size: int, max_len: int):
+        """A cache for batch_size sequences of up to max_len tokens, with nbytes(), buffers(),
+        reset() (ready for the next prompt) and mark_static()."""
+
+    def prefill(self, input_ids: torch.Tensor, cache, chunk_size: int | None = None) -> torch.Tensor:
+        """The prompt [B, S] into the cache, in chunks of chunk_size tokens (None: the model's
+        default) -> logits of its last position [B, 1, V]."""
+
+    def decode(self, token: torch.Tensor, cache, start_pos: int, steps: int, step: Step | None = None,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """`steps` greedy steps from token [B, 1] at position start_pos -> the tokens they chose
+        [B, steps]. `step` replaces the model's own decode step (the compiled one); `on_step` is
+        called as each step's work has been issued."""
+
+
+def greedy_decode(step: Step, token: torch.Tensor, cache, start_pos: int, steps: int,
+                  on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """The decode loop of our models: `step(token [B, 1], cache, pos [1]) -> logits [B, 1, V]`.
+    The position is a tensor advanced in place, so a compiled step never sees a new Python value
+    (no recompile) and nothing waits for the device between steps."""
+    pos = torch.full((1,), start_pos, dtype=torch.long, device=token.device)
+    chosen = []
+    for _ in range(steps):
+        token = step(token, cache, pos).argmax(-1)               # [B, 1]
+        chosen.append(token)
+        pos += 1
+        if on_step is not None:
+            on_step()
+    return torch.cat(chosen, dim=1) if chosen else token[:, :0]
+
+
+class StepTimer:
+    """Times work queued on a device without waiting for it in between: mark() after each piece
+    of work, intervals() at the end. On CUDA, marks are CUDA events (device time, one
+    synchronisation at the end); on CPU, where work runs as it is called, perf_counter."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def attention_kernels(device: torch.device):
+    """SDPA's kernel choice made explicit: on a GPU, the fused kernels only (flash, memory-efficient,
+    cuDNN). The math kernel materialises the [S, L] scores and, for grouped-query attention, the
+    repeated K/V: a silent fallback to it would change what the benchmark measures, so a call no
+    fused kernel takes fails instead (models.layers.attend keeps our calls within what they take).
+    On CPU, PyTorch's own choice (its flash kernel takes masks and grouped K/V)."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
+class Engine:
+    """Runs one model: caches, prefill, the decode loop (eager or compiled) and generate.
+
+    compile=True puts the model's decode_step under torch.compile (fullgraph: a graph break is an
+    error, not a slow path), with CUDA graphs on a GPU when the backend is inductor. The compiler's
+    caches are reset when an engine first compiles: dynamo keys them on the code of decode_step,
+    which every model instance shares, so a long sweep in one process would otherwise pile entries
+    up to the recompile limit and fail. Caches are marked static as they are allocated, so the CUDA
+    graphs read and write them in place.
+    """
+
+    def __init__(self, model: LanguageModel, compile: bool = False, backend: str = "inductor"):
+        if compile and not model.compilable:
+            raise ValueError(f"compile: {type(model).__name__} has no decode step to compile; allowed: false")
+        self.model, self.compile, self.backend = model, compile, backend
+        self._compiled: Step | None = None
+
+    @property
+    def mode(self) -> str | None:
+        """torch.compile's mode: CUDA graphs ("reduce-overhead") for inductor on a GPU."""
+        return "reduce-overhead" if self.model.device.type == "cuda" and self.backend == "inductor" else None
+
+    def new_cache(self, batch_size: int, max_len: int):
+        cache = self.model.new_cache(batch_size, max_len)
+        return cache.mark_static() if self.compile else cache
+
+    def prefill(self, prompt: torch.Tensor, cache, chunk_size: int | None = None) -> torch.Tensor:
+        with attention_kernels(self.model.device):
+            return self.model.prefill(prompt, cache, chunk_size)
+
+    def compiled_step(self) -> Step:
+        """The compiled decode step, made on first use (it compiles at its first call)."""
+        if self._compiled is None:
+            torch.compiler.reset()
+            compiled = torch.compile(self.model.decode_step, mode=self.mode, backend=self.backend,
+                                     fullgraph=True, dynamic=False)
+
+            def step(token, cache, pos):
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be reused now
+                return compiled(token, cache, pos)
+
+            self._compiled = step
+        return self._compiled
+
+    def decode(self, logits: torch.Tensor, cache, start_pos: int, steps: int, *, eager: bool = False,
+               timer: StepTimer | None = None) -> torch.Tensor:
+        """`steps` greedy tokens after a prefill whose last logits [B, 1, V] are given; the compiled
+        step unless eager (or compile is off). With a timer, one mark per step."""
+        step = self.compiled_step() if self.compile and not eager else None
+        with attention_kernels(self.model.device):
+            return self.model.decode(logits.argmax(-1), cache, start_pos, steps, step,
+                                     timer.mark if timer is not None else None)
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int | None = None) -> torch.Tensor:
+        """Greedy decoding with the cache: [B, S] -> [B, S + max_new_tokens]."""
+        batch, length = prompt.shape
+        cache = self.new_cache(batch, length + max_new_tokens)
+        logits = self.prefill(prompt, cache, chunk_size)
+        first = logits.argmax(-1)
+        rest = self.decode(logits, cache, length, max_new_tokens - 1) if max_new_tokens > 1 else first[:, :0]
+        return torch.cat([prompt, first, rest], dim=1)[:, :length + max_new_tokens]
+
+
+def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int,
+             chunk_size: int | None = None) -> torch.Tensor:
+    """Greedy decoding with the model's eager decode step (Engine(model).generate)."""
+    return Engine(model).generate(prompt, max_new_tokens, chunk_size)
