@@ -1,1 +1,1 @@
-"""meltbench's benchmark side: config, probes, scenarios, runner, result rows and reports."""
+"""meltbench's benchmark side: config, probes, runner, result rows, reports and checks."""

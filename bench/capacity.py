@@ -71,13 +71,17 @@ def search(point: BenchConfig, out_dir: Path, measure) -> dict:
     if hi is None:
         log.warning("capacity %s: every batch up to %d fits within %.3f GB; %d is a lower bound",
                     point.model, MAX_BATCH, budget / 1e9, lo)
-    # The largest batch again, timed: its row replaces that trial's (same identity). If the timed
-    # run fails (the timing pass allocates too), the trial's untimed row stays the evidence.
+    # The largest batch again, timed: its row replaces that trial's (same identity). A timing pass
+    # that fails (it allocates too) is recorded in the row's timing_status; if the memory pass
+    # itself fails this time, the trial's untimed row stays the evidence.
     timed = measure(dataclasses.replace(limited, batch=lo), timed=True)
     if timed["status"] != "ok":
         log.warning("capacity %s: the timed run at batch %d ended %s (%s); keeping the untimed trial",
                     point.model, lo, timed["status"], timed.get("error"))
         return _final(rows[lo], budget, lo, hi)
+    if timed["timing_status"] not in (None, "ok"):
+        log.warning("capacity %s: batch %d fits, but its timing pass ended %s (%s)", point.model, lo,
+                    timed["timing_status"], timed.get("timing_error"))
     (out_dir / "trials" / f"batch={lo}" / RESULT_FILE).unlink()
     return _final(timed, budget, lo, hi)
 

@@ -10,12 +10,14 @@ RESULTS is a results folder (its result.json rows, or its table.parquet) or a ta
 
     headroom: 0.05                  # what --update added on top of the measured bytes
     guards:                         # checked on every results folder that has the rows they need
-      melt_flat_in_loops: 0.02      # MELT's peak at any depth <= its 1-loop peak x 1.02
+      melt_flat_in_loops: 0.02      # MELT's peak at any depth <= at its smallest depth above 1, x 1.02
+      melt_one_loop_is_standard: true     # MELT at loops 1 == standard + its gate weights (chunked prefill)
       ouro_kv_is_loops_x_standard: true   # LoopLM KV bytes == loops x the standard model's
       melt_kv_is_standard: true     # MELT KV bytes == the standard model's
     ceilings:                       # one entry per point: its key, then byte limits
     - {model: melt, size: small, loops: 4, seq_len: 256, batch: 1, scenario: generate,
-       dtype: float32, probe: tracked, peak_bytes: 29807066, peak_decode_bytes: 27262156}
+       dtype: float32, probe: tracked, prefill: chunked, peak_bytes: 29807066,
+       peak_decode_bytes: 27262156}
 
 A point is found by KEY (below); a ceiling whose point is missing from the results, or whose row
 is not ok, fails, as does a row above its ceiling. Exit status: 0 all pass, 1 a check failed,
@@ -33,13 +35,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .results import IDENTITY, RESULT_FILE, atomic_file, load_rows
+from .results import IDENTITY, RESULT_FILE, atomic_file, load_rows, with_legacy_columns
 
 DEFAULT_CEILINGS = Path(__file__).resolve().parent.parent / "conf" / "ceilings" / "ci.yaml"
 # What names a point in a ceilings file; rows that agree on these must agree on everything else.
-KEY = ["model", "size", "loops", "seq_len", "batch", "scenario", "dtype", "probe"]
+KEY = ["model", "size", "loops", "seq_len", "batch", "scenario", "dtype", "probe", "prefill"]
 LIMITED = ["peak_bytes", "peak_decode_bytes"]  # the columns a ceiling limits
 GUARDS = {"melt_flat_in_loops": "MELT peak flat in loops",
+          "melt_one_loop_is_standard": "MELT at one loop = standard + its gates",
           "ouro_kv_is_loops_x_standard": "LoopLM KV = loops x standard",
           "melt_kv_is_standard": "MELT KV = standard"}
 
@@ -72,9 +75,7 @@ def load_results(path: Path | str) -> pd.DataFrame:
         raise CeilingError(f"{path}: no such file or folder")
     else:
         raise CeilingError(f"{path}: not a results folder, .csv or .parquet")
-    for column in ("checkpoint", "compile"):  # identity columns newer than some tables
-        if column not in df.columns:
-            df[column] = None
+    df = with_legacy_columns(df)
     missing = [c for c in [*IDENTITY, "status", *LIMITED] if c not in df.columns]
     if df.empty or missing:
         raise CeilingError(f"{path}: not a results table; "
@@ -179,7 +180,8 @@ def check(df: pd.DataFrame, ceilings: dict) -> list[Finding]:
     return findings + check_guards(df, ceilings["guards"])
 
 
-NEEDS = {"melt_flat_in_loops": "a MELT setting measured at loops 1 and at another depth",
+NEEDS = {"melt_flat_in_loops": "a MELT setting measured at two depths above 1",
+         "melt_one_loop_is_standard": "a MELT row at loops 1 and a standard row of the same setting, chunked prefill",
          "ouro_kv_is_loops_x_standard": "a LoopLM row and a standard row of the same setting",
          "melt_kv_is_standard": "a MELT row and a standard row of the same setting"}
 
@@ -194,6 +196,8 @@ def check_guards(df: pd.DataFrame, guards: dict) -> list[Finding]:
             continue
         if name == "melt_flat_in_loops":
             found = _melt_flat(ok, float(setting))
+        elif name == "melt_one_loop_is_standard":
+            found = _melt_one_loop(ok)
         elif name == "ouro_kv_is_loops_x_standard":
             found = _kv_vs_standard(ok, "ouro", lambda loops: loops, name)
         else:
@@ -205,36 +209,64 @@ def check_guards(df: pd.DataFrame, guards: dict) -> list[Finding]:
 
 def _norm(value):
     """Key values as plain Python (1 == 1.0 == numpy 1), so YAML and table entries match."""
+    if isinstance(value, float) and math.isnan(value):
+        return None  # a missing value, as pandas reads it
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value.item() if hasattr(value, "item") else value
 
 
 def _melt_flat(ok: pd.DataFrame, tolerance: float) -> list[Finding]:
-    """Per MELT setting: peak at every depth <= peak at loops=1 x (1 + tolerance)."""
-    melt = ok[ok.model == "melt"]
+    """Per MELT setting: the peak at every depth <= the peak at its smallest depth above 1 x
+    (1 + tolerance). (With one loop MELT keeps no latent: it is the standard model plus its gates,
+    the guard melt_one_loop_is_standard.)"""
+    melt = ok[(ok.model == "melt") & (ok.loops > 1)]
     others = [c for c in IDENTITY if c != "loops"]
     findings = []
     for _, group in melt.groupby(others, dropna=False):
-        base = group[group.loops == 1]
-        if base.empty or len(group) < 2:
+        if len(group) < 2:
             continue
-        base = base.iloc[0]
+        base = group.loc[group.loops.idxmin()]
         for column in LIMITED:
-            for r in group[group.loops > 1].to_dict("records"):
+            for r in group[group.loops > base.loops].to_dict("records"):
                 if pd.isna(r[column]) or pd.isna(base[column]):
                     continue
                 ratio = r[column] / base[column]
                 findings.append(Finding(
                     "melt_flat_in_loops", _name(r), ratio <= 1 + tolerance,
-                    f"{column} {int(r[column]):,} B = {ratio:.4f} x loops=1 ({int(base[column]):,} B);"
-                    f" allowed <= {1 + tolerance:g}"))
+                    f"{column} {int(r[column]):,} B = {ratio:.4f} x loops={int(base.loops)} "
+                    f"({int(base[column]):,} B); allowed <= {1 + tolerance:g}"))
+    return findings
+
+
+SAME_SETTING = ["size", "seq_len", "batch", "new_tokens", "scenario", "dtype", "device", "probe"]
+
+
+def _melt_one_loop(ok: pd.DataFrame) -> list[Finding]:
+    """Per MELT row at loops 1 with a standard row of the same setting, both prefilled in the same
+    chunks: its peaks exceed the standard model's by exactly its extra weights (the gates)."""
+    key = SAME_SETTING + ["prefill", "chunk_size"]
+    chunked = ok[ok.prefill == "chunked"]
+    standard = {tuple(_norm(r[c]) for c in key): r for r in chunked[chunked.model == "standard"].to_dict("records")}
+    findings = []
+    for r in chunked[(chunked.model == "melt") & (chunked.loops == 1)].to_dict("records"):
+        s = standard.get(tuple(_norm(r[c]) for c in key))
+        if s is None:
+            continue
+        gates = int(r["weights_bytes"]) - int(s["weights_bytes"])
+        for column in LIMITED:
+            if pd.isna(r[column]) or pd.isna(s[column]):
+                continue
+            extra = int(r[column]) - int(s[column])
+            findings.append(Finding("melt_one_loop_is_standard", _name(r), extra == gates,
+                                    f"{column} {int(r[column]):,} B - standard {int(s[column]):,} B = "
+                                    f"{extra:,} B; MELT's extra weights {gates:,} B"))
     return findings
 
 
 def _kv_vs_standard(ok: pd.DataFrame, model: str, factor, name: str) -> list[Finding]:
     """Per `model` row with a standard row of the same setting: KV bytes == factor(loops) x its."""
-    same = ["size", "seq_len", "batch", "new_tokens", "scenario", "dtype", "device", "probe"]
+    same = SAME_SETTING
     standard = {tuple(_norm(r[c]) for c in same): r for r in ok[ok.model == "standard"].to_dict("records")}
     findings = []
     for r in ok[ok.model == model].to_dict("records"):
@@ -324,8 +356,8 @@ def main(argv=None) -> int:
                 (old or {}).get("headroom") or 0.05)
             guards = (old or {}).get("guards")
             if guards is None:  # a new file: every guard these results can exercise
-                every = {"melt_flat_in_loops": 0.02, "ouro_kv_is_loops_x_standard": True,
-                         "melt_kv_is_standard": True}
+                every = {"melt_flat_in_loops": 0.02, "melt_one_loop_is_standard": True,
+                         "ouro_kv_is_loops_x_standard": True, "melt_kv_is_standard": True}
                 guards = {name: value for name, value in every.items()
                           if not any(f.point == "-" for f in check_guards(df, {name: value}))}
             new = updated(df, headroom, guards)

@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from .config import BenchConfig, ConfigError, resolve
+from .config import BenchConfig, ConfigError, launcher_of, resolve
 from .runner import POINTS_ENV, START_ENV
 
 
@@ -41,22 +41,40 @@ def preflight(argv: list[str], config_dir: str, config_name: str) -> None:
 
 
 def _points(overrides: list[str], multirun: bool, config_dir: str, config_name: str) -> int:
+    return len(expand(overrides, multirun, config_dir, config_name))
+
+
+def expand(overrides: list[str], multirun: bool, config_dir: str, config_name: str) -> list[BenchConfig]:
+    """Every point the command line asks for, resolved as it will run. A sweep is expanded as
+    Hydra's basic sweeper does (the experiment's sweeper params, then the command line's, which
+    win), and each point is checked for where it runs: this machine, or under a remote launcher
+    (hydra/launcher=slurm) the GPU node it will get, so a Slurm sweep can be checked and submitted
+    from a login node without a GPU."""
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         if not multirun:
-            resolve(compose(config_name, overrides=overrides))
-            return 1
-        # The sweep, expanded as Hydra's basic sweeper does: the experiment's sweeper params,
-        # then the command line's (which win).
+            return [resolve(_job(compose(config_name, overrides=overrides, return_hydra_config=True)))]
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
         base = compose(config_name, overrides=fixed, return_hydra_config=True)
+        launcher = launcher_of(base)
         params = OmegaConf.select(base, "hydra.sweeper.params") or {}
         swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
         jobs = [job for batch in BasicSweeper.split_arguments(swept, None) for job in batch]
-        for job in jobs:
-            resolve(compose(config_name, overrides=job))
-        return len(jobs)
+        return [resolve(_job(compose(config_name, overrides=job, return_hydra_config=True)), launcher)
+                for job in jobs]
+
+
+def _job(cfg: DictConfig) -> DictConfig:
+    """A point's settings without Hydra's node, each resolved in the whole config first (so that
+    ${on_device:...} sees the launcher)."""
+    values = {k: cfg[k] for k in cfg if k != "hydra"}
+    job = OmegaConf.structured(BenchConfig)
+    unknown = sorted(set(values) - set(BenchConfig.__dataclass_fields__))  # from +key=value
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a setting of run_bench.py; allowed: "
+                          f"{', '.join(BenchConfig.__dataclass_fields__)}")
+    return OmegaConf.merge(job, values)
 
 
 def _one_line(e: Exception) -> str:

@@ -21,6 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from models import ALL_MODEL_NAMES, MODEL_OPTIONS, PEER_NAMES, SIZES, make_config
 
 SCENARIOS = ("prefill", "decode", "generate")
+PREFILLS = ("chunked", "one_pass")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# Launchers whose points run on other machines (Slurm nodes with the GPU they ask for): `auto`
+# device values there mean the GPU's, whatever the machine that submits the sweep has.
+REMOTE_LAUNCHERS = ("slurm", "submitit_slurm")
 PROBES = ("auto", "cuda", "tracked", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -40,7 +45,7 @@ class BenchConfig:
     model: str = "melt"  # standard | ouro | melt | hf_llama (the peer: transformers' Llama)
     # Size preset of models.SIZES; by default `small` on CPU and Ouro-1.4B on a GPU.
     size: str = "${on_device:${device},small,ouro-1.4b}"
-    loops: int = 4
+    loops: Optional[int] = None  # None: the model's own (4 for the size presets; a checkpoint's total_ut_steps)
     seq_len: int = 1024  # prompt tokens (the cache holds this many before decoding)
     batch: int = 1
     scenario: str = "generate"  # prefill | decode | generate
@@ -52,8 +57,12 @@ class BenchConfig:
     repeats: int = 3  # timed repeats; speed columns are medians over them (0: memory only)
     warmup: int = 1  # untimed full runs of the scenario before measuring
     seed: int = 0
+    # The prefill schedule of every model: `chunked` (chunks of chunk_size tokens, every loop of a
+    # chunk before the next) or `one_pass` (the whole prompt per loop; MELT always chunks: the
+    # chunks are its method). Memory comparisons are fair at equal chunking, the default.
+    prefill: str = "chunked"
+    chunk_size: Optional[int] = None  # None: the model's (500, the MELT paper's; a MELT checkpoint's own)
     # Model options (None: the model's default); see MODEL_OPTIONS for which model takes which.
-    chunk_size: Optional[int] = None
     cache_update: Optional[str] = None
     init_latent: Optional[str] = None
     kv_sharing: Optional[str] = None
@@ -62,17 +71,23 @@ class BenchConfig:
     exit_step: Optional[int] = None
     ema_alpha: Optional[float] = None  # MELT, cache_update=ema: the fraction of h_prev kept
     # A device memory cap in MiB: allocations past it raise an out-of-memory error, as a smaller
-    # device would (the tracked probe checks live bytes; on CUDA it sets the allocator's fraction).
+    # device would. The tracked and fake probes count live tensor bytes against it; on CUDA it sets
+    # the caching allocator's memory fraction, which counts reserved bytes (allocated + cached).
     mem_limit_mib: Optional[float] = None
-    # A checkpoint folder (config.json + model.safetensors, e.g. from train_melt.py): weights,
-    # dimensions and model options come from it; `model`, `loops` and model options set here apply
-    # on top. `size` then only labels the row.
+    # A checkpoint: a folder (config.json + model.safetensors or its shards, e.g. from
+    # train_melt.py) or a Hugging Face hub id (e.g. ByteDance/Ouro-1.4B, from the local cache or
+    # downloaded). Weights, dimensions, loops (total_ut_steps), dtype and model options come from
+    # it; `model`, `loops`, `dtype` and model options set here apply on top. `size` then only
+    # labels the row.
     checkpoint: Optional[str] = None
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
     # Decode with the step compiled whole by torch.compile (CUDA graphs on a GPU). None: auto, on
     # for CUDA and off for CPU. The memory pass always runs eager; hf_llama never compiles.
     compile: Optional[bool] = None
+    # torch.compile's backend with compile=true: inductor (kernels; CUDA graphs on a GPU), or
+    # aot_eager / eager, which check that the step is captured whole without generating kernels.
+    compile_backend: str = "inductor"
     # The capacity search (conf/experiment/capacity.yaml): the largest batch whose run fits
     # budget_gb (decimal GB, 1e9 bytes; default: the GPU's free memory; needed on CPU, where the
     # tracked probe enforces it), then the decode throughput at that batch.
@@ -85,26 +100,40 @@ class BenchConfig:
                 if self.model == owner and getattr(self, k) is not None}
 
 
-def cuda_wanted(device: str) -> bool:
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+def runs_on_gpu(device: str, launcher: str | None = None) -> bool:
+    """Whether a point of this `device` setting runs on a GPU: cuda does, cpu does not, and auto
+    does where the point runs: on the GPU nodes of a remote launcher, else on this machine if it
+    has one."""
+    if device != "auto":
+        return device == "cuda"
+    return launcher in REMOTE_LAUNCHERS or torch.cuda.is_available()
+
+
+def launcher_of(root) -> str | None:
+    """The hydra/launcher choice of a composed config that has its `hydra` node, else None."""
+    choices = OmegaConf.select(root, "hydra.runtime.choices", default=None) if root is not None else None
+    return (choices or {}).get("hydra/launcher")
 
 
 def register() -> None:
-    """Put the schema in Hydra's ConfigStore (conf/config.yaml builds on it) and add the resolver
-    that lets configs pick a value by device: ${on_device:${device},<on CPU>,<on a GPU>}, and
-    the one giving the isolated launcher's sweeps batches of one point (submitit's local executor
-    would start a whole batch at once)."""
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml builds on it) and add the resolvers:
+    ${on_device:${device},<on CPU>,<on a GPU>} picks a value by where the point runs (it reads the
+    launcher when the config has Hydra's node, so a Slurm sweep submitted from a CPU login node
+    gets the GPU values), and ${sweep_batch:...} gives the isolated launcher's sweeps batches of
+    one point (submitit's local executor would start a whole batch at once)."""
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
     if not OmegaConf.has_resolver("on_device"):
         OmegaConf.register_new_resolver(
-            "on_device", lambda device, cpu, gpu: gpu if cuda_wanted(str(device)) else cpu)
+            "on_device", lambda device, cpu, gpu, *, _root_: gpu if runs_on_gpu(str(device), launcher_of(_root_)) else cpu)
         OmegaConf.register_new_resolver(
             "sweep_batch", lambda launcher: 1 if launcher == "isolated" else None)
 
 
-def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
+def resolve(cfg: DictConfig | BenchConfig, launcher: str | None = None) -> BenchConfig:
     """Check a composed config and return it with every `auto` replaced by what will be used.
-    Raises ConfigError on the first bad value; allocates nothing."""
+    `launcher`: the sweep's hydra/launcher; under a remote one (slurm) the point is checked for the
+    GPU node it will run on, not for this machine. Raises ConfigError on the first bad value;
+    allocates nothing."""
     if isinstance(cfg, DictConfig):
         unknown = sorted(set(cfg) - set(BenchConfig.__dataclass_fields__))  # e.g. from +key=value
         if unknown:
@@ -117,26 +146,35 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     _choice("device", c.device, DEVICES)
     _choice("dtype", c.dtype, DTYPES)
     _choice("probe", c.probe, PROBES)
+    _choice("prefill", c.prefill, PREFILLS)
+    _choice("compile_backend", c.compile_backend, COMPILE_BACKENDS)
     for field, low in (("loops", 1), ("seq_len", 1), ("batch", 1), ("new_tokens", 1),
-                       ("repeats", 0), ("warmup", 0)):
-        if getattr(c, field) < low:
-            raise _bad(field, f"got {getattr(c, field)}", f"an integer >= {low}")
+                       ("repeats", 0), ("warmup", 0), ("chunk_size", 1)):
+        value = getattr(c, field)
+        if value is not None and value < low:
+            raise _bad(field, f"got {value}", f"an integer >= {low}")
     if c.mem_limit_mib is not None and c.mem_limit_mib <= 0:
         raise _bad("mem_limit_mib", f"got {c.mem_limit_mib}", "a positive number of MiB")
     _check_speed_settings(c)
 
-    if c.device == "cuda" and not torch.cuda.is_available():
+    remote = launcher in REMOTE_LAUNCHERS
+    if c.device == "cuda" and not remote and not torch.cuda.is_available():
         raise _bad("device", "cuda asked for, but this machine has no CUDA GPU", "auto | cpu")
-    device = "cuda" if cuda_wanted(c.device) else "cpu"
+    device = "cuda" if runs_on_gpu(c.device, launcher) else "cpu"
     if c.probe == "cuda" and device != "cuda":
         raise _bad("probe", f"cuda needs device=cuda (device is {device})", "auto | tracked | fake")
-    if c.dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+    if c.dtype == "bfloat16" and device == "cuda" and not remote and not torch.cuda.is_bf16_supported():
         raise _bad("dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}",
                    "auto | float32")
-    dtype = c.dtype if c.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     probe = c.probe if c.probe != "auto" else ("cuda" if device == "cuda" else "tracked")
+    if c.scenario != "prefill" and c.repeats > 0 and probe != "fake" and c.new_tokens < 2:
+        raise _bad("new_tokens", f"{c.new_tokens} leaves no decode step to time (each step is timed "
+                   "from the end of the one before, so the first is not)", "an integer >= 2, or repeats=0")
 
-    model_cfg = model_config(c)
+    model_cfg, stored_dtype = model_config(c)
+    dtype = c.dtype if c.dtype != "auto" else (
+        str(stored_dtype).removeprefix("torch.") if stored_dtype in (torch.float32, torch.bfloat16)
+        else "bfloat16" if device == "cuda" else "float32")
     needed = c.seq_len + (c.new_tokens if c.scenario != "prefill" else 0)
     if needed > model_cfg.max_position_embeddings:
         limit = model_cfg.max_position_embeddings
@@ -148,6 +186,7 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
     # and the options show the model's values (empty for options the model does not have).
     options = {k: getattr(model_cfg, k) if c.model == owner else None
                for k, owner in MODEL_OPTIONS.items()}
+    options["chunk_size"] = c.chunk_size or model_cfg.chunk_size  # every model's prefill chunk
     if c.capacity and c.budget_gb is None and device != "cuda":
         raise _bad("budget_gb", "the capacity search on a CPU needs a budget (there is no free device "
                    "memory to default to)", "a positive number of GB, e.g. budget_gb=0.25")
@@ -159,7 +198,8 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
 
 
 def _check_speed_settings(c: BenchConfig) -> None:
-    """The settings issue 6 added: compile, capacity, budget_gb."""
+    """The settings of the speed measurements: compile, capacity, budget_gb; and what the peer
+    cannot do."""
     if c.compile and c.model in PEER_NAMES:
         raise _bad("compile", f"{c.model} runs transformers' eager generate", "false or unset")
     if c.model in PEER_NAMES and c.probe == "fake":  # generate's stopping checks read tensor values
@@ -179,42 +219,18 @@ def _check_speed_settings(c: BenchConfig) -> None:
 
 
 def model_config(c: BenchConfig):
-    """The models.LoopConfig a point builds: its size preset with its loops and options, or its
-    checkpoint's config with those on top."""
+    """(the models.LoopConfig a point builds: its size preset with its loops and options, or its
+    checkpoint's config with those on top; the dtype the checkpoint stores, or None)."""
     try:
-        model_cfg = make_config(c.model, size=c.size, loops=c.loops, **c.model_options())
+        if c.checkpoint is None:
+            return make_config(c.model, size=c.size, loops=c.loops, **c.model_options()), None
+        from models.checkpoints import locate, read_config
+
+        return read_config(locate(c.checkpoint, weights=False), c.model, loops=c.loops, **c.model_options())
     except ValueError as e:  # the models package names the field and what is allowed
         raise ConfigError(str(e)) from None
-    return model_cfg if c.checkpoint is None else _checkpoint_config(c)
-
-
-def _checkpoint_config(c: BenchConfig):
-    """The model config a checkpoint folder gives, with this point's loops and explicitly set model
-    options on top (so a row shows the checkpoint's chunk_size, cache_update, ...). Refuses a
-    folder without a readable config.json before anything is built."""
-    import json
-    from pathlib import Path
-
-    from models import LoopConfig
-
-    path = Path(c.checkpoint)
-    allowed = "a folder written by save_pretrained (config.json + model.safetensors)"
-    if not (path / "config.json").is_file():
-        raise _bad("checkpoint", f"{c.checkpoint} has no config.json", allowed)
-    try:
-        fields = json.loads((path / "config.json").read_text())
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "arch"):
-            fields.pop(key, None)  # as CausalLM.from_pretrained does
-        if fields.get("rope_scaling", 0) is None:
-            fields.pop("rope_scaling")
-        model_cfg = LoopConfig(arch=c.model, **{**fields, **c.model_options()})
-        model_cfg.loops = 1 if c.model == "standard" else c.loops
-        return model_cfg.validate()
-    except ValueError as e:  # bad JSON, or a field the models refuse (named in the message)
-        raise _bad("checkpoint", f"{path / 'config.json'}: {e}", allowed) from None
 
 
 def _choice(field: str, value, allowed) -> None:
     if value not in allowed:
         raise _bad(field, f"unknown value {value!r}", " | ".join(allowed))
-

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import subprocess
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,17 +14,18 @@ import torch
 
 
 @functools.cache
-def _static() -> dict:
-    if torch.cuda.is_available():
+def _static(device: str) -> dict:
+    if device == "cuda":
         name = torch.cuda.get_device_name()
-    else:  # CPU-only: name the processor, so reference rows say what they ran on
+    else:  # a CPU run, even on a machine with a GPU: name the processor it ran on
         name = "CPU: " + (_cpu_model() or platform.machine())
     return {"gpu_name": name, "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda, "git_sha": _git_sha()}
 
 
-def info() -> dict:
-    return {**_static(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def info(device: str = "cpu") -> dict:
+    """The environment columns of a row measured on `device` (cpu | cuda)."""
+    return {**_static(device), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _git_sha() -> str | None:
@@ -57,16 +58,23 @@ def pynvml_error() -> type[Exception]:
 
 @functools.cache
 def _nvml_handle():
-    """NVML's handle for the current CUDA device (matched by UUID, so CUDA_VISIBLE_DEVICES and
-    NVML's own numbering cannot disagree), or None without a driver."""
+    """NVML's handle for the current CUDA device, matched by UUID (so CUDA_VISIBLE_DEVICES and
+    NVML's own numbering cannot disagree), or None without a driver. torch gives the UUID without
+    its prefix: NVML names a whole GPU "GPU-<uuid>" and a MIG slice "MIG-<uuid>"."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        return pynvml.nvmlDeviceGetHandleByUUID("GPU-" + uuid if not uuid.startswith("GPU-") else uuid)
-    except Exception:  # no NVML, no driver, or an unknown UUID: the NVML columns stay empty
+    except Exception:  # no NVML, no driver: the NVML columns stay empty
         return None
+    bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
+    for name in dict.fromkeys([uuid, "GPU-" + bare, "MIG-" + bare]):
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(name)
+        except Exception:  # not this form of the UUID
+            continue
+    return None
 
 
 def nvml_used_bytes() -> tuple[int | None, str | None]:
@@ -105,33 +113,42 @@ def peak_bandwidth_bytes_per_s() -> float | None:
     return 2 * mhz * 1e6 * bus_bits / 8
 
 
-# -- the machine's measured limits (issue 6): what bandwidth_utilization divides by ---------------
+# -- the machine's measured limits: what bandwidth_utilization divides by -------------------------
 
-def _best_seconds(fn, sync, repeats: int) -> float:
-    """The fastest of `repeats` timed calls of fn after one untimed call (warm caches, clocks)."""
+SAMPLE_S = 0.02  # each timed sample runs the work enough times to take at least this long
+
+
+def _best_seconds(fn, device: str, samples: int = 5) -> float:
+    """Seconds of one call of fn: the best of `samples` timed samples, each repeating fn enough
+    times to last SAMPLE_S (a single large copy on a GPU is a fraction of a millisecond, too short
+    to time on its own), after an untimed call (warm caches, clocks). Timed with CUDA events on a
+    GPU, perf_counter on CPU (models/runtime.StepTimer)."""
+    from models.runtime import StepTimer
+
+    def timed(repeats: int) -> float:
+        timer = StepTimer(device)
+        timer.mark()
+        for _ in range(repeats):
+            fn()
+        timer.mark()
+        return timer.intervals()[0] / repeats
+
     fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    repeats = max(1, math.ceil(SAMPLE_S / max(timed(1), 1e-9)))
+    return min(timed(repeats) for _ in range(samples))
 
 
 @functools.cache
 def copy_bytes_per_s(device: str) -> float | None:
-    """Measured memory bandwidth, bytes moved (read + written) per second by the best of a few
-    large copies: device-to-device on CUDA (2 x 512 MiB, far past any L2), memcpy on CPU
-    (2 x 256 MiB). Measured once per process; None if the buffers do not fit."""
+    """Measured memory bandwidth, bytes moved (read + written) per second by large copies:
+    device-to-device on CUDA (2 x 512 MiB, far past any L2), memcpy on CPU (2 x 256 MiB).
+    Measured once per process; None if the buffers do not fit."""
     nbytes = (512 if device == "cuda" else 256) * 2**20
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     src = dst = None
     try:
         src = torch.ones(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        seconds = _best_seconds(lambda: dst.copy_(src), sync, repeats=5)
+        seconds = _best_seconds(lambda: dst.copy_(src), device)
     except (torch.OutOfMemoryError, RuntimeError):
         return None
     finally:
@@ -143,15 +160,14 @@ def copy_bytes_per_s(device: str) -> float | None:
 
 @functools.cache
 def matmul_flops_per_s(device: str, dtype: str) -> float | None:
-    """Measured matrix-multiply rate in `dtype`: the best of a few square products (8192 on CUDA,
-    1024 on CPU), 2 n^3 flops each. Measured once per process and dtype."""
+    """Measured matrix-multiply rate in `dtype`: square products (8192 on CUDA, 1024 on CPU),
+    2 n^3 flops each. Measured once per process and dtype."""
     n = 8192 if device == "cuda" else 1024
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a = b = None
     try:
         a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
         b = torch.randn(n, n, device=device).to(a.dtype)
-        seconds = _best_seconds(lambda: a @ b, sync, repeats=5)
+        seconds = _best_seconds(lambda: a @ b, device)
     except (torch.OutOfMemoryError, RuntimeError):
         return None
     finally:
@@ -162,5 +178,7 @@ def matmul_flops_per_s(device: str, dtype: str) -> float | None:
 
 
 def limits(device: str, dtype: str) -> dict:
-    """The environment columns copy_bytes_per_s and matmul_flops_per_s."""
-    return {"copy_bytes_per_s": copy_bytes_per_s(device), "matmul_flops_per_s": matmul_flops_per_s(device, dtype)}
+    """The environment columns copy_bytes_per_s and matmul_flops_per_s (measured), and the GPU's
+    theoretical bandwidth device_bandwidth_bytes_per_s (NVML; empty on CPU)."""
+    return {"copy_bytes_per_s": copy_bytes_per_s(device), "matmul_flops_per_s": matmul_flops_per_s(device, dtype),
+            "device_bandwidth_bytes_per_s": peak_bandwidth_bytes_per_s() if device == "cuda" else None}

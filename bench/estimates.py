@@ -6,7 +6,7 @@ allocator's torch.cuda.max_memory_allocated).
 
 MEASURED_RESULTS' rows of any probe but fake (cuda on a GPU; tracked in the CPU smoke run of
 scripts/gpu_check.sh) are matched with FAKE_RESULTS' fake rows on model, size, loops, seq_len,
-batch, new_tokens, scenario and dtype. Writes estimate_vs_cuda.csv and .md to DIR (default
+batch, new_tokens, scenario, dtype and prefill schedule. Writes estimate_vs_cuda.csv and .md to DIR (default
 MEASURED_RESULTS) and prints the table; error = estimate / measured - 1. scripts/gpu_check.sh runs
 it for Ouro-1.4B at 4K, 16K and 32K tokens.
 """
@@ -21,7 +21,7 @@ import pandas as pd
 
 from .results import atomic_file, load_rows
 
-MATCH = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype"]
+MATCH = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype", "prefill", "chunk_size"]
 PHASES = {"prefill": ("peak_prefill_bytes", "predicted_prefill_bytes"),
           "decode": ("peak_decode_bytes", "predicted_decode_bytes")}
 

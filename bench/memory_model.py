@@ -4,26 +4,29 @@
 
 Every row of a sweep carries these predictions beside what its probe measured (report.md shows
 both), so a memory change that no formula explains stands out. The terms, in bytes (b = bytes per
-element of the dtype, E = B*S*d*b one activation of a pass over S tokens, F = B*S*f*b one MLP
-intermediate, Q = B*S*H*D*b, K = B*S*Hkv*D*b):
+element of the dtype; for a pass over C tokens E = B*C*d*b is one activation, F = B*C*f*b one MLP
+intermediate, Q = B*C*H*D*b the queries):
 
 - weights: parameters x b, from the config (equal to model.weights_bytes(); a test checks it).
 - KV cache: slots x 2*B*Hkv*(seq_len + new_tokens)*D*b, slots = N (standard, MELT) or N*T
   (LoopLM); preallocated for the whole run. A LoopLM with last-loop sharing keeps N slots after
   the prefill.
-- prefill transient: the largest set of activations alive at once during a pass over S tokens
-  (the whole prompt; one chunk of C tokens for MELT). It is the MLP of a layer: the layer's input
-  (held by the caller), the residual after attention, the normed MLP input, and three [B, S, f]
-  intermediates at `silu(gate) * up` -> 3E + 3F. MELT adds what lives across its chunks: the
-  embedded prompt [B, L, d] (chunks are views of it), the N latents [B, C, d] of the current
-  chunk, and the [C, start+C] bool attention mask of its largest chunk. The RoPE tables [S, D] x 2,
-  the prompt's token ids and the last position's logits [B, 1, V] complete it.
-- decode transient: the same for a pass over one token, and the prefill's logits. Attention runs
-  in a fused kernel (flash or memory-efficient SDPA) that keeps no [S, L] scores.
+- prefill transient: the prompt's int64 ids, and the largest set of activations alive at once
+  during the pass over one chunk (all its loops; the whole prompt in a one-pass prefill):
+  the MLP of a layer holds the layer's input, the residual after attention, the normed MLP
+  input and three [B, C, f] intermediates at `silu(gate) * up` -> 3E + 3F, with the chunk's
+  RoPE tables [C, D] x 2 and its [C, end] bool mask (none for a causal first chunk). MELT adds
+  its N latents [B, C, d] (none with one loop: no later loop reads them); an early-exit LoopLM
+  its earlier exits. With grouped-query attention after the first chunk the attention can be
+  larger: the folded queries and the mask stacked once per group (models.layers.attend).
+- decode transient: the ids and the prefill's logits (held by the caller), and the largest
+  moment of a decode step (decode_step_bytes): its mask, its MLP, or its output head.
+  Attention runs in a fused kernel (flash or memory-efficient SDPA) that keeps no [S, L] scores.
 
-It models the code as written (tensors PyTorch keeps alive between ops), not the allocator: the
-CUDA probe adds block rounding, library workspaces and fragmentation, the reason the GPU check
-compares the three (see scripts/gpu_check.sh).
+It models the code as written (tensors PyTorch keeps alive between ops), to the byte on the
+tracked and fake probes (tests/test_memory_model.py), not the allocator: the CUDA probe adds block
+rounding, library workspaces and fragmentation, the reason the GPU check compares the three (see
+scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from models import make_config
-from models.melt import chunk_bounds
+from models.layers import chunk_bounds
 
 
 @dataclass(frozen=True)
@@ -99,24 +102,64 @@ def pass_bytes(c, batch: int, tokens: int, dtype: torch.dtype) -> int:
     return 3 * E + 3 * F + rope
 
 
+def chunk_bytes(c, batch: int, begin: int, end: int, dtype: torch.dtype) -> int:
+    """Peak activations of the pass over tokens begin..end of a prompt (all loops of one chunk,
+    or the whole prompt in one pass): the larger of the MLP's set and, for grouped-query attention
+    after the first chunk, the attention's (its query heads folded along the query axis against
+    the unrepeated K/V, with the [C, end] mask stacked once per group: see models.layers.attend);
+    the chunk's bool mask; MELT's latents; the exits kept by an early-exit LoopLM."""
+    b, C = dtype.itemsize, end - begin
+    E = batch * C * c.hidden_size * b
+    Q = batch * C * c.num_attention_heads * c.head_dim * b
+    groups = c.num_attention_heads // c.num_key_value_heads
+    mask = C * end if begin > 0 else 0                       # bool [C, end]; none for a causal first pass
+    mlp = pass_bytes(c, batch, C, dtype)
+    attention = 2 * E + 3 * Q + groups * mask + 2 * C * c.head_dim * b if groups > 1 and mask else 0
+    latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
+    exits = (c.loops - 1) * batch * c.hidden_size * b if c.arch == "ouro" and c.exit_policy != "last" else 0
+    return max(mlp, attention) + mask + latents + exits
+
+
+def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch.dtype) -> int:
+    """Peak of a decode step over a cache of max_len rows (models.layers.Positions.at), beside the
+    prompt's ids and the prefill's logits that the caller holds: the tokens chosen so far and the
+    position, and the largest of three moments: making the [1, max_len] mask (an int64 range, then
+    the bool mask), the MLP (3E + 3F of one token, MELT's latents), and the output head (the
+    logits and the normed hidden state), with the mask and the RoPE tables alive through both, and
+    an early-exit LoopLM's earlier exits."""
+    b = dtype.itemsize
+    E, F = batch * c.hidden_size * b, batch * c.intermediate_size * b
+    logits = batch * c.vocab_size * b
+    tokens = new_tokens * batch * 8 + 8                     # the chosen tokens [B, 1] int64, and pos [1]
+    positions = 2 * c.head_dim * b + max_len                 # RoPE tables [1, D] x 2, bool mask [1, max_len]
+    latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
+    exits = (c.loops - 1) * E if c.arch == "ouro" and c.exit_policy != "last" else 0
+    return tokens + max(8 * max_len + max_len, positions + 3 * E + 3 * F + latents + exits,
+                        positions + E + logits + exits)
+
+
 def predict(model: str, size: str, loops: int, seq_len: int, batch: int, new_tokens: int,
-            dtype: str | torch.dtype, scenario: str = "generate", **options) -> Prediction:
-    """The prediction for one point of a size preset."""
+            dtype: str | torch.dtype, scenario: str = "generate", chunk_size: int | None = None,
+            **options) -> Prediction:
+    """The prediction for one point of a size preset (chunk_size: the prefill's; None: one pass)."""
     return predict_config(make_config(model, size=size, loops=loops, **options), seq_len, batch,
-                          new_tokens, dtype, scenario)
+                          new_tokens, dtype, scenario, chunk_size)
 
 
 def predict_point(point) -> Prediction:
     """predict() for a resolved bench.config.BenchConfig (its checkpoint's config if it has one)."""
     from .config import model_config
 
-    return predict_config(model_config(point), point.seq_len, point.batch, point.new_tokens,
-                          point.dtype, point.scenario)
+    chunk_size = point.chunk_size if point.prefill == "chunked" else None
+    return predict_config(model_config(point)[0], point.seq_len, point.batch, point.new_tokens,
+                          point.dtype, point.scenario, chunk_size)
 
 
 def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | torch.dtype,
-                   scenario: str = "generate") -> Prediction:
-    """The prediction for a model of config `c` (models.LoopConfig) at one point."""
+                   scenario: str = "generate", chunk_size: int | None = None) -> Prediction:
+    """The prediction for a model of config `c` (models.LoopConfig) at one point whose prefill runs
+    in chunks of chunk_size tokens (None: one pass; MELT always runs in chunks, of its own
+    config.chunk_size when none is given)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     b = dtype.itemsize
     length = seq_len + (new_tokens if scenario != "prefill" else 0)
@@ -124,18 +167,7 @@ def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | to
     kv_decode = kv // c.loops if (c.arch == "ouro" and c.kv_sharing == "last_loop") else kv
     logits = batch * c.vocab_size * b
     ids = batch * seq_len * 8                                 # the prompt's int64 token ids
-    prompt = batch * seq_len * c.hidden_size * b              # the embedded prompt (MELT: sliced per chunk)
-    if c.arch == "melt" and seq_len > c.chunk_size:
-        # The largest chunk pass: its activations and latents, and its [C, end] bool mask (the
-        # first chunk needs none).
-        chunk = max(pass_bytes(c, batch, end - begin, dtype)
-                    + c.num_hidden_layers * batch * (end - begin) * c.hidden_size * b
-                    + ((end - begin) * end if begin > 0 else 0)
-                    for begin, end in chunk_bounds(seq_len, c.chunk_size))
-        prefill = ids + prompt + chunk + logits
-    else:
-        exits = c.loops * prompt if (c.arch == "ouro" and c.exit_policy != "last") else 0
-        latents = c.num_hidden_layers * prompt if c.arch == "melt" else 0
-        prefill = ids + prompt + pass_bytes(c, batch, seq_len, dtype) + exits + latents + logits
-    decode = ids + pass_bytes(c, batch, 1, dtype) + 2 * logits  # this step's and the last step's logits
+    chunk_size = chunk_size or (c.chunk_size if c.arch == "melt" else seq_len)
+    prefill = ids + max(chunk_bytes(c, batch, begin, end, dtype) for begin, end in chunk_bounds(seq_len, chunk_size))
+    decode = ids + logits + decode_step_bytes(c, batch, length, new_tokens, dtype)
     return Prediction(num_parameters(c) * b, kv, kv_decode, prefill, decode)

@@ -48,7 +48,7 @@ def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
     plot_memory_vs_seq_len(view, out / PLOTS[1])
     plot_throughput(view, out / PLOTS[2])
     text = markdown(df, view, title=Path(src).resolve().name)
-    text += speed_markdown(df)  # issue 6: limits, the peer, capacity
+    text += speed_markdown(df)  # limits, the peer, capacity
     if len(capacity_table(df)):
         plot_capacity(capacity_table(df), out / CAPACITY_PLOT)
         text += capacity_markdown(df)
@@ -59,15 +59,35 @@ def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
 
 # -- what the plots show ----------------------------------------------------------------------
 
-def plot_view(df: pd.DataFrame) -> pd.DataFrame:
-    """One slice of the table for the plots and summaries: a single scenario (generate if there,
-    else decode, else prefill), the smallest batch, and a `series` label per model variant."""
+def schedules(df: pd.DataFrame) -> list[str]:
+    """The prefill schedules in `df`, equal chunking (the fair comparison) first."""
+    present = set(df.prefill.dropna()) if "prefill" in df else set()
+    return [s for s in ("chunked", "one_pass") if s in present] or [None]
+
+
+def schedule_label(df: pd.DataFrame, prefill: str | None) -> str:
+    """How the rows of one schedule prefilled, for headings and captions."""
+    if prefill == "chunked":
+        chunks = sorted(set(df.loc[df.prefill == "chunked", "chunk_size"].dropna().astype(int)))
+        return f"prefill chunked (chunk_size {', '.join(map(str, chunks))}) for every model"
+    if prefill == "one_pass":
+        return "prefill in one pass for the standard model and the LoopLM (MELT in its chunks)"
+    return "prefill schedule not recorded"
+
+
+def plot_view(df: pd.DataFrame, prefill: str | None = None) -> pd.DataFrame:
+    """One slice of the table for the plots and summaries: one prefill schedule (equal chunking
+    when the table has it), a single scenario (generate if there, else decode, else prefill), the
+    smallest batch, and a `series` label per model variant."""
     if df.empty:
         return df.assign(series=pd.Series(dtype=str))
+    prefill = prefill or schedules(df)[0]
+    if prefill is not None:
+        df = df[df.prefill == prefill]
     scenario = next(s for s in ("generate", "decode", "prefill") if (df.scenario == s).any())
     view = df[(df.scenario == scenario) & (df.batch == df.batch.min())].copy()
     # Settings that vary within a model (cache_update, size, dtype...) split it into several lines.
-    settings = [k for k in IDENTITY if k not in ("model", "loops", "seq_len", "batch", "scenario")]
+    settings = [k for k in IDENTITY if k not in ("model", "loops", "seq_len", "batch", "scenario", "prefill")]
     varying = {model: [k for k in settings if rows[k].nunique(dropna=False) > 1]
                for model, rows in view.groupby("model")}
     view["series"] = view.apply(
@@ -164,8 +184,9 @@ def plot_memory_vs_seq_len(view: pd.DataFrame, path: Path) -> None:
 
 
 def plot_throughput(view: pd.DataFrame, path: Path) -> None:
-    """Decode tokens/s against sequence length (context before decoding), one panel per loops."""
-    _per_seq_len(view, path, "decode_tokens_per_s", 1, "decode tokens/s")
+    """Decode tokens/s against sequence length (context before decoding), one panel per loops;
+    the bars span the repeats' min to max."""
+    _per_seq_len(view, path, "decode_tokens_per_s", 1, "decode tokens/s (median, bars: min-max)")
 
 
 def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabel: str) -> None:
@@ -178,6 +199,11 @@ def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabe
             ok = s[(s.status == "ok") & s[column].notna()]
             color = COLORS.get(s.model.iloc[0])
             style = ":" if s.model.iloc[0] in ONE_PASS else "-"
+            if f"{column}_min" in ok and ok[f"{column}_min"].notna().any():  # the spread over repeats
+                low = (ok[column] - ok[f"{column}_min"]).clip(lower=0) / unit
+                high = (ok[f"{column}_max"] - ok[column]).clip(lower=0) / unit
+                ax.errorbar(ok.seq_len, ok[column] / unit, yerr=[low.fillna(0), high.fillna(0)],
+                            fmt="none", ecolor=color, capsize=3, lw=1)
             ax.plot(ok.seq_len, ok[column] / unit, "o" + style, color=color, label=series)
             _mark_oom(ax, s, "seq_len", color)
             drawn |= len(ok) > 0
@@ -216,8 +242,8 @@ def oom_frontier(view: pd.DataFrame) -> pd.DataFrame:
 
 RATIOS = [  # (column, heading, what it includes) of the MELT / LoopLM tables in report.md
     ("peak_bytes", "peak memory",
-     "`peak_bytes`, the scenario's peak: it includes prefill activations, and MELT prefills in chunks"
-     " of `chunk_size` tokens while the LoopLM prefills in one pass."),
+     "`peak_bytes`, the scenario's peak: it includes the prefill's activations, which depend on the"
+     " prefill schedule."),
     ("peak_decode_bytes", "decode peak",
      "`peak_decode_bytes`, the peak during decode (reset after prefill): the cache's effect without"
      " the prefill activations."),
@@ -279,13 +305,16 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
         f" git {', '.join(df.git_sha.dropna().unique())}",
         f"- measured {df.timestamp.min()} to {df.timestamp.max()}; {len(df)} points: {counts}",
         f"- plots and summaries below: scenario {view.scenario.iloc[0]}, batch {view.batch.iloc[0]};"
-        " memory in MiB (2^20 bytes)", "",
+        f" {schedule_label(df, schedules(df)[0])}; memory in MiB (2^20 bytes)", "",
     ]
-    for column, what, note in RATIOS:
-        ratios = ratio_table(view, column)
-        if not ratios.empty:
-            lines += [f"## MELT / LoopLM {what} (rows: seq_len, columns: loops)", "", note, "",
-                      ratios.to_markdown(floatfmt=".3f"), ""]
+    for prefill in schedules(df):
+        rows = plot_view(df, prefill)
+        for column, what, note in RATIOS:
+            ratios = ratio_table(rows, column)
+            if not ratios.empty:
+                lines += [f"## MELT / LoopLM {what} (rows: seq_len, columns: loops)", "",
+                          f"{note} Schedule: {schedule_label(df, prefill)}.", "",
+                          ratios.to_markdown(floatfmt=".3f"), ""]
     paper = table2(df)
     if not paper.empty:
         lines += paper_markdown(paper)
@@ -296,7 +325,7 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
                   frontier.reset_index().rename(columns={"series": "model"})
                   .to_markdown(index=False), ""]
     lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
-    table = df[["model", "loops", "seq_len", "batch", "scenario", "status"]].copy()
+    table = df[["model", "loops", "seq_len", "batch", "scenario", "prefill", "status"]].copy()
     for name, (column, unit) in TABLE_COLUMNS.items():
         table[name] = df[column] / unit
     lines += ["## All points", "", table.to_markdown(index=False, floatfmt=".1f"), ""]
@@ -307,7 +336,7 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
-# -- issue 6: speed against the machine's limits, the hf_llama peer, capacity ----------------------
+# -- speed against the machine's limits, the hf_llama peer, capacity ---------------------------------
 
 def speed_markdown(df: pd.DataFrame) -> str:
     """Per timed row: tokens/s, utilization of the measured limits and which term bounds it; our
@@ -316,10 +345,16 @@ def speed_markdown(df: pd.DataFrame) -> str:
     if timed.empty:
         return ""
     first = timed.iloc[0]
+    device_bw = first.get("device_bandwidth_bytes_per_s")
+    theoretical = (f" (the device's theoretical bandwidth: {_fmt(device_bw, 1e9)} GB/s)"
+                   if device_bw is not None and pd.notna(device_bw) else "")
     lines = ["", "## Speed against the machine's limits", "",
              "Measured once per run: copy bandwidth "
-             f"{_fmt(first.copy_bytes_per_s, 1e9)} GB/s (a large copy, read + write), matmul rate "
-             f"{_fmt(first.matmul_flops_per_s, 1e12)} TFLOP/s ({first['dtype']}). `bandwidth util` = bytes a"
+             f"{_fmt(first.copy_bytes_per_s, 1e9)} GB/s (large copies, read + write){theoretical}, matmul rate "
+             f"{_fmt(first.matmul_flops_per_s, 1e12)} TFLOP/s ({first['dtype']}). Tokens/s: the median over"
+             " the repeats, with their min-max. A decode step is timed from the end of the one before"
+             " (CUDA events on a GPU), so the first step, and what runs before it, is not."
+             " `bandwidth util` = bytes a"
              " decode step must read (weights once per loop applied + the KV rows attended, for the"
              " batch) x steps/s / copy bandwidth; `prefill util` = prefill flops/s / matmul rate."
              " `bound`: the term (weights, kv reads or compute) that takes longest at those limits"
@@ -327,6 +362,7 @@ def speed_markdown(df: pd.DataFrame) -> str:
     timed = timed.sort_values(["seq_len", "batch", "loops", "model"])
     table = timed[["model", "loops", "seq_len", "batch", "compile"]].copy()
     table["decode tok/s"] = timed.decode_tokens_per_s
+    table["decode min-max"] = [_range(r, "decode_tokens_per_s") for r in timed.to_dict("records")]
     table["bandwidth util %"] = 100 * timed.bandwidth_utilization
     table["decode bound"] = timed.decode_bound
     table["prefill util %"] = 100 * timed.prefill_utilization
@@ -337,6 +373,13 @@ def speed_markdown(df: pd.DataFrame) -> str:
         lines += ["## Our standard model against the hf_llama peer (decode tokens/s, same run)", "",
                   peer.to_markdown(index=False, floatfmt=".2f"), ""]
     return "\n".join(lines) + "\n"
+
+
+def _range(row: dict, column: str) -> str:
+    low, high = row.get(f"{column}_min"), row.get(f"{column}_max")
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return ""
+    return f"{low:.1f}-{high:.1f}"
 
 
 def _fmt(value, unit: float) -> str:

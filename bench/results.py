@@ -20,22 +20,28 @@ TABLE_FILE = "table.parquet"
 # A point is identified by these; a sweep skips a point whose identity already has a result
 # measured by the same code (git_sha, see find_measured and same_code).
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
-            "device", "probe", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint", "compile"]
-STATUS = ["status", "error"]
+            "device", "probe", "prefill", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint", "compile",
+            "compile_backend"]
+# status: the memory pass (ok | oom | error); timing_status: the timing pass after it (empty when
+# the point is not timed). A failed timing pass keeps the memory columns.
+STATUS = ["status", "error", "timing_status", "timing_error"]
 MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
           "reserved_bytes", "nvml_used_bytes", "nvml_scope", "non_torch_bytes"]
 # bench.memory_model's analytic prediction for the point (empty for a model it does not cover).
 PREDICTED = ["predicted_kv_bytes", "predicted_prefill_bytes", "predicted_decode_bytes",
              "predicted_peak_bytes"]
-SPEED = ["prefill_tokens_per_s", "decode_tokens_per_s", "token_latency_ms_p50",
-         "token_latency_ms_p90", "bandwidth_utilization"]
+# Speed: medians over the repeats, and their range (_min, _max).
+SPEED = ["prefill_tokens_per_s", "prefill_tokens_per_s_min", "prefill_tokens_per_s_max",
+         "decode_tokens_per_s", "decode_tokens_per_s_min", "decode_tokens_per_s_max",
+         "token_latency_ms_p50", "token_latency_ms_p90", "bandwidth_utilization"]
 # Against the machine's measured limits (bench/roofline.py): weights | kv | compute.
 SPEED += ["decode_bound", "prefill_utilization", "prefill_bound"]
 # The capacity search (bench/capacity.py), on its final row: the largest batch within the budget.
 CAPACITY = ["budget_bytes", "capacity_max_batch", "capacity_first_oom"]
 ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
-ENV += ["copy_bytes_per_s", "matmul_flops_per_s"]  # measured once per run (bench/env.py)
+ENV += ["copy_bytes_per_s", "matmul_flops_per_s",  # measured once per run (bench/env.py)
+        "device_bandwidth_bytes_per_s"]              # the GPU's theoretical bandwidth (NVML)
 COLUMNS = IDENTITY + STATUS + MEMORY + PREDICTED + SPEED + CAPACITY + ENV
 
 
@@ -74,12 +80,25 @@ def write_row(folder: Path, row: dict) -> Path:
     return folder / RESULT_FILE
 
 
+# Identity columns that tables written by earlier versions lack, and what those rows mean by them:
+# before `prefill` existed, the standard model and the LoopLM prefilled in one pass.
+LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_backend": None}
+
+
+def with_legacy_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with the LEGACY identity columns it lacks, filled with what its rows meant."""
+    for column, value in LEGACY.items():
+        if column not in df.columns:
+            df[column] = value
+    return df
+
+
 def load_rows(folder: Path | str) -> pd.DataFrame:
     """Every result row under `folder` (any depth), one per identity: the newest wins. A folder
     with no result.json but a gathered table.parquet (a committed reference run) reads that."""
     rows = [json.loads(p.read_text()) for p in sorted(Path(folder).rglob(RESULT_FILE))]
     if not rows and (Path(folder) / TABLE_FILE).exists():
-        rows = pd.read_parquet(Path(folder) / TABLE_FILE).to_dict("records")
+        rows = with_legacy_columns(pd.read_parquet(Path(folder) / TABLE_FILE)).to_dict("records")
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df
@@ -88,11 +107,13 @@ def load_rows(folder: Path | str) -> pd.DataFrame:
 
 
 def find_measured(folder: Path | str, ident: dict, git_sha: str | None = None) -> dict | None:
-    """A row under `folder` with this identity and status ok or oom (an error is retried), or None.
+    """A row under `folder` with this identity and status ok or oom (an error is retried, and so
+    is a timing pass that failed with an error), or None.
     Of several, one measured by the code version `git_sha` (see same_code) if there is one, else the
     newest: the caller measures again when same_code(row["git_sha"], git_sha) is false."""
     rows = [row for row in (json.loads(p.read_text()) for p in Path(folder).rglob(RESULT_FILE))
-            if row.get("status") in ("ok", "oom") and all(row.get(k) == v for k, v in ident.items())]
+            if row.get("status") in ("ok", "oom") and row.get("timing_status") != "error"
+            and all(row.get(k) == v for k, v in ident.items())]
     if not rows:
         return None
     return max(rows, key=lambda r: (same_code(r.get("git_sha"), git_sha), r.get("timestamp") or ""))

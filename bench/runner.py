@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from models import MODEL_NAMES
+from models.runtime import Engine, StepTimer
 
 from . import env
 from .config import BenchConfig, resolve
@@ -22,7 +23,6 @@ from .memory_model import predict_point
 from .probes import Phase, make_probe
 from .results import COLUMNS, find_measured, identity, same_code, write_row
 from .roofline import speed_columns
-from .scenarios import Scenario, make_scenario
 
 log = logging.getLogger("bench")
 
@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict:
         return row
     again = ""
     if multirun:
-        sha = env.info()["git_sha"]
+        sha = env.info(point.device)["git_sha"]
         done = find_measured(hc.sweep.dir, identity(point), sha)
         if done is not None and same_code(done.get("git_sha"), sha):
             _progress(job_num, done, "already measured, skipped")
@@ -64,20 +64,17 @@ def run(cfg: DictConfig) -> dict:
 
 def measure(point: BenchConfig, timed: bool = True) -> dict:
     """Measure a resolved point. An out-of-memory error is a result (status=oom); any other failure
-    is status=error with its message: a sweep always gets its row and goes on. timed=False: memory
-    only (the capacity search's trials)."""
+    is status=error with its message: a sweep always gets its row and goes on. A failed timing pass
+    keeps the memory pass's columns and says why in timing_status / timing_error. timed=False:
+    memory only (the capacity search's trials)."""
     start = time.perf_counter()
-    row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(), "status": "ok"}
+    row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(point.device), "status": "ok"}
     if point.model in MODEL_NAMES:  # what the point should take, even when it runs out of memory
         row.update(predict_point(point).columns(point.scenario))
     try:
         row.update(_measure(point, timed))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
-        message = str(e).strip()
-        oom = isinstance(e, torch.OutOfMemoryError) or (
-            isinstance(e, RuntimeError) and "out of memory" in message)  # e.g. from a library
-        row.update(status="oom" if oom else "error",
-                   error=f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
+        row.update(status=_failure(e), error=_message(e))
     # The exception (and the frames holding model and cache) is gone here: give the memory back
     # before the next point, which may run in this same process.
     gc.collect()
@@ -88,6 +85,17 @@ def measure(point: BenchConfig, timed: bool = True) -> dict:
     return row
 
 
+def _failure(e: Exception) -> str:
+    """oom for an out-of-memory error (torch's, or a library's RuntimeError saying so), else error."""
+    oom = isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    return "oom" if oom else "error"
+
+
+def _message(e: Exception) -> str:
+    message = str(e).strip()
+    return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 def _measure(p: BenchConfig, timed: bool = True) -> dict:
     probe = make_probe(p.probe, None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20))
     timed = timed and probe.timed and p.repeats > 0  # repeats=0: memory only
@@ -96,15 +104,39 @@ def _measure(p: BenchConfig, timed: bool = True) -> dict:
     limits = env.limits(p.device, p.dtype) if timed else {}
     torch.manual_seed(p.seed)
     with torch.inference_mode():
-        run, row = _memory_pass(p, probe)
+        point, row = _memory_pass(p, probe)
         if timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
-            row.update(limits, **_timing_pass(p, run, limits))
+            row["timing_status"] = "ok"
+            try:
+                row.update(limits, **_timing_pass(p, point, limits))
+            except Exception as e:  # noqa: BLE001 - the memory columns stand; say why there is no speed
+                row.update(timing_status=_failure(e), timing_error=_message(e))
     return row
 
 
-def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
+class Point:
+    """What the memory pass leaves for the timing pass: the engine, its cache and the prompt."""
+
+    def __init__(self, engine: Engine, cache, prompt: torch.Tensor, p: BenchConfig):
+        self.engine, self.cache, self.prompt = engine, cache, prompt
+        self.chunk_size = p.chunk_size if p.prefill == "chunked" else None  # None: the model's own
+        self.new_tokens = p.new_tokens
+
+    def prefill(self, timer: StepTimer | None = None) -> torch.Tensor:
+        if timer is not None:
+            timer.mark()
+        logits = self.engine.prefill(self.prompt, self.cache, self.chunk_size)
+        if timer is not None:
+            timer.mark()
+        return logits
+
+    def decode(self, logits: torch.Tensor, eager: bool = False, timer: StepTimer | None = None) -> None:
+        self.engine.decode(logits, self.cache, self.prompt.shape[1], self.new_tokens, eager=eager, timer=timer)
+
+
+def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
     """Build the model, warm up (first calls allocate library workspaces), then one prefill and
-    one decode, each under its own peak. -> (the scenario, for timing; the memory columns)."""
+    one decode, each under its own peak, eager. -> (the point, for timing; the memory columns)."""
     import models  # imported on use: configs compose without building anything
     from models import build_model
 
@@ -113,36 +145,37 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
         if p.checkpoint is None:
             model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
                                 device=p.device, **p.model_options())
-        else:  # trained weights (train_melt.py); loops and model options apply on top
+        else:  # trained weights; loops and model options apply on top
             model = models.MODEL_CLASSES[p.model].from_pretrained(
                 p.checkpoint, dtype=getattr(torch, p.dtype), device=p.device, loops=p.loops,
                 **p.model_options())
         baseline = probe.current_bytes()
         prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
-        run = make_scenario(model, prompt, p.new_tokens)
+        engine = Engine(model, compile=p.compile, backend=p.compile_backend)
+        max_len = p.seq_len + p.new_tokens
         for _ in range(p.warmup if probe.timed else 0):
-            run.new_cache()
-            logits, _ = run.prefill()
+            point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p)
+            logits = point.prefill()
             if decodes:
-                run.decode(logits)
-        run.cache = None
+                point.decode(logits, eager=True)
+        point = None
         before = probe.current_bytes()
-        run.new_cache()
+        point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p)
         kv_measured = probe.current_bytes() - before
         dec = Phase()  # stays empty for a prefill-only point
         with probe.phase() as pre:
-            logits, _ = run.prefill()
+            logits = point.prefill()
         if decodes:
             with probe.phase() as dec:
-                run.decode(logits)
-        if hasattr(run, "kv_bytes"):  # a cache that grows (hf_llama's): what it holds at the end
-            kv_measured = run.kv_bytes()
+                point.decode(logits, eager=True)
+        if kv_measured == 0:  # a cache that allocates as it grows (hf_llama's): what it holds at the end
+            kv_measured = point.cache.nbytes()
         nvml = probe.nvml()
     phases = [ph for ph, used in ((pre, p.scenario != "decode"), (dec, decodes)) if used]
-    return run, {
+    return point, {
         "weights_bytes": model.weights_bytes(),
         "baseline_bytes": baseline,
-        "kv_bytes_analytic": model.kv_cache_bytes(p.batch, p.seq_len + p.new_tokens),
+        "kv_bytes_analytic": model.kv_cache_bytes(p.batch, max_len),
         "kv_bytes_measured": kv_measured,
         "kv_bytes_per_token": model.kv_bytes_per_token(),
         "peak_prefill_bytes": pre.peak_bytes,
@@ -153,36 +186,46 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Scenario, dict]:
     }
 
 
-def _timing_pass(p: BenchConfig, run: Scenario, limits: dict | None = None) -> dict:
-    """`repeats` full runs of the scenario, each from a fresh cache -> the speed columns. With
-    compile, the decode step is compiled first (an untimed run; the memory pass ran eager)."""
+def _timing_pass(p: BenchConfig, point: Point, limits: dict | None = None) -> dict:
+    """`repeats` full runs of the scenario, each on the cache made ready for a new prompt -> the
+    speed columns: medians over the repeats, with their min and max. With compile, the decode step
+    is compiled first (an untimed run; the memory pass ran eager). Prefill: one interval per
+    repeat. Decode: the intervals between consecutive steps, so what runs before the first step
+    (generate's set-up, for the peer) is never timed."""
     if p.compile and p.scenario != "prefill":
-        run.compile()
-        run.new_cache()
-        run.decode(run.prefill()[0])
+        point.cache.reset()
+        point.decode(point.prefill())
     prefill_s, decode_s, step_s = [], [], []
     for _ in range(p.repeats):
-        run.new_cache()
-        logits, seconds = run.prefill()
-        prefill_s.append(seconds)
+        point.cache.reset()
+        timer = StepTimer(p.device)
+        logits = point.prefill(timer)
+        prefill_s += timer.intervals()
         if p.scenario != "prefill":
-            steps = run.decode(logits)
-            decode_s.append(sum(steps))
-            step_s += steps
-    speed = {"prefill_tokens_per_s": p.batch * p.seq_len / float(np.median(prefill_s))}
+            timer = StepTimer(p.device)
+            point.decode(logits, timer=timer)
+            steps = timer.intervals()
+            if steps:
+                decode_s.append(len(steps) / sum(steps))        # steps per second of this repeat
+                step_s += steps
+    prefill_rates = [p.batch * p.seq_len / s for s in prefill_s]
+    speed = _spread("prefill_tokens_per_s", prefill_rates)
     steps_per_s = None
     if decode_s:
-        steps_per_s = p.new_tokens / float(np.median(decode_s))
-        speed.update(
-            decode_tokens_per_s=p.batch * steps_per_s,
-            token_latency_ms_p50=float(np.percentile(step_s, 50)) * 1e3,
-            token_latency_ms_p90=float(np.percentile(step_s, 90)) * 1e3,
-        )
+        steps_per_s = float(np.median(decode_s))
+        speed.update(_spread("decode_tokens_per_s", [p.batch * r for r in decode_s]),
+                     token_latency_ms_p50=float(np.percentile(step_s, 50)) * 1e3,
+                     token_latency_ms_p90=float(np.percentile(step_s, 90)) * 1e3)
     # bandwidth_utilization against the measured copy bandwidth, and what bounds each phase
     limits = limits or {}
-    speed.update(speed_columns(run.model, p, float(np.median(prefill_s)), steps_per_s,
+    speed.update(speed_columns(point.engine.model, p, float(np.median(prefill_s)), steps_per_s,
                                limits.get("copy_bytes_per_s"), limits.get("matmul_flops_per_s")))
     return speed
+
+
+def _spread(column: str, values: list[float]) -> dict:
+    """column: the median of values; column_min, column_max: their range over the repeats."""
+    return {column: float(np.median(values)), f"{column}_min": min(values), f"{column}_max": max(values)}
 
 
 def _progress(job_num: int, row: dict, what: str) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check at Ouro-1.4B size, bfloat16, batch 1, on one GPU (budget: 8 minutes on an H100):
-#   memory against sequence length (4K, 16K, 32K; loops 4) and against loop depth, the three models;
+# GPU check at Ouro-1.4B size, bfloat16, batch 1, on one GPU (budget: about 6 minutes on an H200):
+#   memory against sequence length (4K, 16K, 32K; loops 4) and against loop depth, the three models
+#     (memory only: nothing timed or compiled);
 #   decode speed at 4K context, loops 4: the three models and the hf_llama peer (compiled decode
 #     step with CUDA graphs; bandwidth utilization against the measured copy bandwidth);
 #   capacity at 32K, loops 4: the largest batch within the GPU's free memory and the decode
@@ -35,9 +36,11 @@ else
     out=results/gpu_check/$gpu
     ref=results/reference/$gpu
     common=(device=cuda probe=cuda size=ouro-1.4b dtype=bfloat16)
+    # Memory sweeps are memory only (repeats=0: nothing timed, nothing compiled; loops 16 would
+    # unroll 384 layer applications into one graph); only decode_speed compiles.
     declare -A extra=(
-        [memory_vs_seq_len]="seq_len=4096,16384,32768 batch=1"
-        [memory_vs_depth]="batch=1"
+        [memory_vs_seq_len]="seq_len=4096,16384,32768 batch=1 repeats=0"
+        [memory_vs_depth]="batch=1 repeats=0"
         [decode_speed]="seq_len=4096 batch=1 loops=4"
         [capacity]="seq_len=32768 loops=4 compile=false repeats=1"
     )

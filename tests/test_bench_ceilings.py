@@ -14,20 +14,25 @@ ROOT = Path(__file__).resolve().parent.parent
 KV = 1_000_000  # the standard model's KV bytes in these rows
 
 
+GATES = 10_000_000  # MELT's extra weights in these rows
+
+
 def _row(model, loops, seq_len, peak, decode=None, status="ok", **kw):
     row = dict(model=model, size="small", loops=loops, seq_len=seq_len, batch=1, new_tokens=8,
-               scenario="generate", dtype="float32", device="cpu", probe="tracked", status=status,
-               timestamp="2026-01-01T00:00:00+00:00")
+               scenario="generate", dtype="float32", device="cpu", probe="tracked", prefill="chunked",
+               chunk_size=500, status=status, timestamp="2026-01-01T00:00:00+00:00")
     if status == "ok":
         slots = loops if model == "ouro" else 1
-        row.update(peak_bytes=peak, peak_decode_bytes=decode or peak // 2,
-                   kv_bytes_measured=slots * KV * seq_len // 256)
+        row.update(peak_bytes=peak, peak_decode_bytes=decode or peak - 20_000_000,
+                   kv_bytes_measured=slots * KV * seq_len // 256,
+                   weights_bytes=5_000_000 + (GATES if model == "melt" else 0))
     return {**row, **kw}
 
 
 def _rows():
-    """MELT flat in loops, the LoopLM's KV growing with them, a standard model at each length."""
-    rows = [_row("melt", n, s, 40_000_000 + s) for n in (1, 4) for s in (256, 1024)]
+    """MELT flat in loops (from 2 on; at one loop the standard model plus its gates), the LoopLM's
+    KV growing with them, a standard model at each length."""
+    rows = [_row("melt", n, s, 40_000_000 + s) for n in (1, 2, 4) for s in (256, 1024)]
     rows += [_row("ouro", n, s, 30_000_000 + n * s * 1000) for n in (1, 4) for s in (256, 1024)]
     rows += [_row("standard", 1, s, 30_000_000 + s) for s in (256, 1024)]
     return rows
@@ -55,22 +60,22 @@ def test_update_then_check_passes_and_limits_are_measured_plus_headroom(tmp_path
     assert melt["peak_bytes"] == -(-(40_000_000 + 1024) * 105 // 100)  # ceil(measured x 1.05)
     assert main(["check", str(folder), "--ceilings", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "ceilings: 20 of 20 pass" in out and "0 FAIL" in out
-    assert "MELT peak flat in loops: 4 of 4 pass" in out
-    assert "LoopLM KV = loops x standard: 4 of 4 pass" in out and "MELT KV = standard: 4 of 4 pass" in out
+    assert "ceilings: 24 of 24 pass" in out and "0 FAIL" in out
+    assert "MELT peak flat in loops: 4 of 4 pass" in out and "MELT at one loop = standard + its gates: 4 of 4 pass" in out
+    assert "LoopLM KV = loops x standard: 4 of 4 pass" in out and "MELT KV = standard: 6 of 6 pass" in out
 
 
 def test_a_regression_is_reported_with_point_bytes_ceiling_and_excess(tmp_path, capsys):
     path = _update(tmp_path, _folder(tmp_path / "before", _rows()), headroom="0")
     rows = _rows()
-    rows[3]["peak_bytes"] = int(rows[3]["peak_bytes"] * 1.10)  # melt loops=4 seq_len=1024: +10 %
+    rows[5]["peak_bytes"] = int(rows[5]["peak_bytes"] * 1.10)  # melt loops=4 seq_len=1024: +10 %
     findings = check(load_results(_folder(tmp_path / "after", rows)), load_ceilings(path))
     failed = [f for f in findings if not f.ok]
     assert [(f.check, f.point) for f in failed] == [
         ("ceiling", "model=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate dtype=float32 "
-                    "probe=tracked"),
+                    "probe=tracked prefill=chunked"),
         ("melt_flat_in_loops", "model=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate "
-                               "dtype=float32 probe=tracked")]
+                               "dtype=float32 probe=tracked prefill=chunked")]
     assert "44,001,126 B, ceiling 40,001,024 B (+10.00 %)" in failed[0].detail
     assert main(["check", str(tmp_path / "after" / "sweep"), "--ceilings", str(path)]) == 1
     assert "FAIL model=melt" in capsys.readouterr().out
@@ -79,7 +84,7 @@ def test_a_regression_is_reported_with_point_bytes_ceiling_and_excess(tmp_path, 
 def test_kv_guards_catch_a_cache_that_grows_with_loops(tmp_path):
     path = _update(tmp_path, _folder(tmp_path / "before", _rows()))
     rows = _rows()
-    rows[2]["kv_bytes_measured"] *= 4  # melt loops=4 seq_len=256 keeps one slot per loop
+    rows[4]["kv_bytes_measured"] *= 4  # melt loops=4 seq_len=256 keeps one slot per loop
     failed = [f for f in check(load_results(_folder(tmp_path / "after", rows)), load_ceilings(path))
               if not f.ok]
     assert [f.check for f in failed] == ["melt_kv_is_standard"]
@@ -99,7 +104,7 @@ def test_missing_points_and_failed_rows_fail(tmp_path):
 
 def test_update_refuses_results_that_break_a_guard(tmp_path):
     rows = _rows()
-    rows[3]["peak_bytes"] *= 2  # MELT no longer flat in loops
+    rows[5]["peak_bytes"] *= 2  # MELT no longer flat in loops
     path = tmp_path / "ceilings.yaml"
     assert main(["check", str(_folder(tmp_path, rows)), "--ceilings", str(path), "--update"]) == 1
     assert not path.exists()
@@ -112,11 +117,11 @@ def test_update_refuses_results_that_break_a_guard(tmp_path):
     ("ceilings: []\nguards: {melt_flat_in_loops: -1}\n", "melt_flat_in_loops: got -1"),
     ("ceilings:\n- {model: melt}\n", "ceilings #1: missing size, loops"),
     ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
-     " dtype: float32, probe: tracked}\n", "no limit"),
+     " dtype: float32, probe: tracked, prefill: chunked}\n", "no limit"),
     ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
-     " dtype: float32, probe: tracked, peak_bytes: 1.5}\n", "peak_bytes: got 1.5"),
+     " dtype: float32, probe: tracked, prefill: chunked, peak_bytes: 1.5}\n", "peak_bytes: got 1.5"),
     ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
-     " dtype: float32, probe: tracked, peak_mib: 3}\n", "unknown key 'peak_mib'"),
+     " dtype: float32, probe: tracked, prefill: chunked, peak_mib: 3}\n", "unknown key 'peak_mib'"),
     ("ceilings: [\n", "bad YAML"),
 ])
 def test_bad_ceilings_file_is_one_clear_line(tmp_path, text, message):

@@ -87,7 +87,7 @@ def sweep_job(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(runner, "measure", fake_measure)
 
     def run(cfg, sha):
-        monkeypatch.setattr(env, "info", lambda: {"git_sha": sha})
+        monkeypatch.setattr(env, "info", lambda device="cpu": {"git_sha": sha})
         out = tmp_path / "points" / f"seed={cfg.seed}"
         monkeypatch.setattr(runner.HydraConfig, "get", staticmethod(lambda: SimpleNamespace(
             mode=RunMode.MULTIRUN, job=SimpleNamespace(num=0), sweep=SimpleNamespace(dir=str(tmp_path)),

@@ -14,7 +14,8 @@ from bench.runner import measure
 from models import MeltLM
 
 ROOT = Path(__file__).resolve().parent.parent
-POINT = "model=melt size=small loops=4 seq_len=256 batch=1 scenario=generate dtype=float32 probe=tracked"
+POINT = ("model=melt size=small loops=16 seq_len=256 batch=1 scenario=generate dtype=float32 probe=tracked "
+         "prefill=chunked")
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,12 @@ def test_ci_sweep_is_within_its_ceilings_and_guards(ci_results, capsys):
     findings = check(ci_results, load_ceilings(DEFAULT_CEILINGS))
     failed = [f"{f.check} {f.point}: {f.detail}" for f in findings if not f.ok]
     assert not failed, "\n".join(failed)
-    # Every guard compared something: MELT at 16 loops vs 1, and both looped models vs standard.
-    assert {f.check for f in findings} == {"ceiling", "melt_flat_in_loops",
+    # Every guard compared something: MELT at 16 loops vs 4, MELT at one loop vs the standard
+    # model, and both looped models' caches vs the standard model's.
+    assert {f.check for f in findings} == {"ceiling", "melt_flat_in_loops", "melt_one_loop_is_standard",
                                           "ouro_kv_is_loops_x_standard", "melt_kv_is_standard"}
     assert any(f.check == "melt_flat_in_loops" and "loops=16" in f.point for f in findings)
+    assert sum(f.check == "melt_one_loop_is_standard" for f in findings) == 2 * 4  # 2 lengths x 2 probes x 2 peaks
 
 
 def test_fake_estimate_equals_tracked_measurement(ci_results):
@@ -78,10 +81,10 @@ def test_injected_regression_is_reported_at_exactly_its_point(ci_results, monkey
     """A MELT cache that keeps one slot per loop (the LoopLM's layout) at one point."""
     monkeypatch.setattr(MeltLM, "num_cache_slots",
                         lambda self: self.config.num_hidden_layers * self.config.loops)
-    row = measure(_point())
+    row = measure(_point(loops=16))
     key = ["model", "loops", "seq_len", "probe"]
     regressed = ci_results.copy()
-    where = (regressed[key] == pd.Series(dict(model="melt", loops=4, seq_len=256, probe="tracked"))).all(axis=1)
+    where = (regressed[key] == pd.Series(dict(model="melt", loops=16, seq_len=256, probe="tracked"))).all(axis=1)
     assert where.sum() == 1
     for column, value in row.items():
         if column in regressed.columns:

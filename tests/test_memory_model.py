@@ -32,9 +32,13 @@ def test_prediction_terms():
     assert p.prefill_peak_bytes == p.weights_bytes + p.kv_bytes + p.prefill_transient_bytes
     shared = predict("ouro", "ouro-1.4b", 4, 32000, 1, 8, "bfloat16", kv_sharing="last_loop")
     assert shared.kv_decode_bytes * 4 == shared.kv_bytes  # last-loop sharing keeps N of N*T slots
-    # MELT's peak does not grow with loops; the LoopLM's grows by one cache per loop.
-    melt = [predict("melt", "ouro-1.4b", t, 32000, 1, 8, "bfloat16").prefill_peak_bytes for t in (1, 16)]
+    # MELT's peak does not grow with loops (from 2 on: one loop keeps no latent, as the standard
+    # model); the LoopLM's grows by one cache per loop.
+    melt = [predict("melt", "ouro-1.4b", t, 32000, 1, 8, "bfloat16").prefill_peak_bytes for t in (2, 16)]
     assert melt[0] == melt[1]
+    one = predict("melt", "ouro-1.4b", 1, 32000, 1, 8, "bfloat16", chunk_size=500)
+    standard = predict("standard", "ouro-1.4b", 1, 32000, 1, 8, "bfloat16", chunk_size=500)
+    assert one.prefill_peak_bytes - standard.prefill_peak_bytes == one.weights_bytes - standard.weights_bytes
     ouro = [predict("ouro", "ouro-1.4b", t, 32000, 1, 8, "bfloat16") for t in (1, 2)]
     assert ouro[1].prefill_peak_bytes - ouro[0].prefill_peak_bytes == ouro[0].kv_bytes
     assert predict("melt", "small", 4, 256, 1, 4, "float32", "prefill").columns("prefill")[

@@ -1,4 +1,4 @@
-"""Issue 6 in the benchmark: the hf_llama peer row, the utilization columns against the measured
+"""Speed in the benchmark: the hf_llama peer row, the utilization columns against the measured
 machine limits, compile settings, and the capacity search."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_bandwidth_utilization_is_bytes_times_steps_over_the_measured_copy_rate(
 
 def test_roofline_terms_and_bounds():
     """Decode reads the layers once per loop, and T slots x layers of KV over the context."""
-    p = _point(model="ouro", loops=4, seq_len=100, new_tokens=1, batch=2)
+    p = _point(model="ouro", loops=4, seq_len=100, new_tokens=1, batch=2, repeats=0)
     ouro = models.build_model("ouro", "tiny", loops=4)
     c = ouro.config
     terms = roofline.decode_terms(ouro, p)
@@ -83,17 +83,15 @@ def test_env_limits_are_measured_once():
 
 def test_compiled_timing_pass(monkeypatch):
     """compile=true on CPU: the timed decode runs the compiled step (aot_eager here, for speed)."""
-    calls = []
-    original = models.CausalLM.compiled_decode_step
+    from models.runtime import Engine
 
-    def compiled(self, mode=None, backend="inductor"):
-        calls.append(mode)
-        return original(self, mode=mode, backend="aot_eager")
-
-    monkeypatch.setattr(models.CausalLM, "compiled_decode_step", compiled)
-    row = measure(_point(model="melt", loops=2, scenario="decode", compile=True))
-    assert row["status"] == "ok", row["error"]
-    assert row["compile"] is True and calls == [None] and row["decode_tokens_per_s"] > 0
+    made = []
+    original = Engine.compiled_step
+    monkeypatch.setattr(Engine, "compiled_step", lambda self: made.append(self.backend) or original(self))
+    row = measure(_point(model="melt", loops=2, scenario="decode", compile=True, compile_backend="aot_eager"))
+    assert row["status"] == "ok" and row["timing_status"] == "ok", row["error"] or row["timing_error"]
+    assert row["compile"] is True and row["compile_backend"] == "aot_eager" and row["decode_tokens_per_s"] > 0
+    assert made and set(made) == {"aot_eager"}  # every timed decode went through the compiled step
 
 
 def test_compile_is_auto_off_on_cpu_and_never_for_the_peer():
@@ -186,34 +184,31 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     assert estimates["fake error %"].abs().max() <= 1 and estimates["predicted error %"].abs().max() <= 1
 
 
-def test_compiled_scenario_reuses_a_full_cache_and_decodes_the_same():
-    """CUDA graphs need the cache at fixed addresses: compiled, a scenario reuses its cache unless
-    slots were dropped (the LoopLM's last-loop sharing). A reused cache holds the previous round's
-    rows: the second round, on another prompt, must decode exactly as a fresh cache does."""
-    from bench.scenarios import Scenario
+def test_a_reset_cache_decodes_a_new_prompt_as_a_fresh_cache_does():
+    """The timing pass reuses the memory pass's cache (CUDA graphs need its buffers at fixed
+    addresses): reset() gives back the slots last-loop sharing dropped and keeps the others where
+    they are. Its rows still hold the previous prompt: a second prompt must decode exactly as in a
+    fresh cache, for every decoded step's logits."""
+    from models.runtime import Engine
 
-    def decoded(run):  # the logits of every decode step of one round
-        steps, step = [], run.step
-        run.step = lambda *args: steps.append(step(*args)) or steps[-1]
-        run.new_cache()
-        logits, _ = run.prefill()
-        run.decode(logits)
-        run.step = step
+    def decoded(engine, cache, prompt):  # the logits of every decode step of one round
+        steps, step = [], engine.model.decode_step
+        logits = engine.prefill(prompt, cache)
+        engine.model.decode(logits.argmax(-1), cache, prompt.shape[1], 4,
+                            step=lambda *a: steps.append(step(*a)) or steps[-1])
         return torch.cat(steps)
 
     torch.manual_seed(0)
     prompts = torch.randint(0, 256, (2, 2, 12))
-    for options, reused in ((dict(), True), (dict(kv_sharing="last_loop"), False)):
-        model = models.build_model("ouro", "tiny", loops=2, **options)
-        run = Scenario(model, prompts[0], new_tokens=4)
-        run.static = True  # what compile() sets, without compiling
+    for options in (dict(), dict(kv_sharing="last_loop")):
+        engine = Engine(models.build_model("ouro", "tiny", loops=2, **options), compile=True)
         with torch.inference_mode():
-            decoded(run)
-            first = run.cache
-            run.prompt = prompts[1]
-            second = decoded(run)
-            fresh = decoded(Scenario(model, prompts[1], new_tokens=4))
-        assert (run.cache is first) == reused
+            cache = engine.new_cache(2, 16)
+            decoded(engine, cache, prompts[0])
+            kept = [id(t) for t in cache.buffers()]
+            second = decoded(engine, cache.reset(), prompts[1])
+            fresh = decoded(engine, engine.new_cache(2, 16), prompts[1])
+        assert [id(t) for t in cache.buffers()] == kept  # the decode step saw the same buffers
         torch.testing.assert_close(second, fresh, rtol=0, atol=0)
 
 

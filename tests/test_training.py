@@ -190,10 +190,10 @@ def test_checkpoint_round_trip_and_bench_loads_it(teacher_dir, tmp_path):
     assert row["weights_bytes"] == loaded.weights_bytes()
 
 
-@pytest.mark.parametrize("value, problem", [("/nonexistent", "has no config.json")])
-def test_bench_refuses_a_bad_checkpoint(value, problem):
+@pytest.mark.parametrize("value, problem", [("/nonexistent", "no such folder"), ("EMPTY", "has no config.json")])
+def test_bench_refuses_a_bad_checkpoint(value, problem, tmp_path):
     with pytest.raises(ConfigError, match=f"^checkpoint: .*{problem}; allowed: "):
-        bench_resolve(BenchConfig(model="melt", size="tiny", checkpoint=value))
+        bench_resolve(BenchConfig(model="melt", size="tiny", checkpoint=str(tmp_path) if value == "EMPTY" else value))
 
 
 def _compose(*overrides):
