@@ -159,7 +159,8 @@ def resolve(cfg: DictConfig | BenchConfig) -> BenchConfig:
 
 
 def _check_speed_settings(c: BenchConfig) -> None:
-    """The settings issue 6 added: compile, capacity, budget_gb."""
+    """Checks of the speed settings (compile, capacity, budget_gb) and of what the hf_llama peer
+    cannot do."""
     if c.compile and c.model in PEER_NAMES:
         raise _bad("compile", f"{c.model} runs transformers' eager generate", "false or unset")
     if c.model in PEER_NAMES and c.probe == "fake":  # generate's stopping checks read tensor values

@@ -105,7 +105,7 @@ def peak_bandwidth_bytes_per_s() -> float | None:
     return 2 * mhz * 1e6 * bus_bits / 8
 
 
-# -- the machine's measured limits (issue 6): what bandwidth_utilization divides by ---------------
+# -- the machine's measured limits: what bandwidth_utilization divides by ------------------------
 
 def _best_seconds(fn, sync, repeats: int) -> float:
     """The fastest of `repeats` timed calls of fn after one untimed call (warm caches, clocks)."""

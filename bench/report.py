@@ -48,7 +48,7 @@ def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
     plot_memory_vs_seq_len(view, out / PLOTS[1])
     plot_throughput(view, out / PLOTS[2])
     text = markdown(df, view, title=Path(src).resolve().name)
-    text += speed_markdown(df)  # issue 6: limits, the peer, capacity
+    text += speed_markdown(df)  # the machine's limits, the hf_llama peer
     if len(capacity_table(df)):
         plot_capacity(capacity_table(df), out / CAPACITY_PLOT)
         text += capacity_markdown(df)
@@ -307,7 +307,7 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
-# -- issue 6: speed against the machine's limits, the hf_llama peer, capacity ----------------------
+# -- speed against the machine's limits, the hf_llama peer, capacity -------------------------------
 
 def speed_markdown(df: pd.DataFrame) -> str:
     """Per timed row: tokens/s, utilization of the measured limits and which term bounds it; our

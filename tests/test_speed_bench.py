@@ -1,4 +1,4 @@
-"""Issue 6 in the benchmark: the hf_llama peer row, the utilization columns against the measured
+"""Speed in the benchmark: the hf_llama peer row, the utilization columns against the measured
 machine limits, compile settings, and the capacity search."""
 
 from __future__ import annotations
