@@ -298,7 +298,7 @@ def updated(df: pd.DataFrame, headroom: float, guards: dict) -> dict:
 def write_ceilings(path: Path, ceilings: dict, source: str) -> None:
     header = (f"# Memory ceilings, written by: python -m bench.ceilings check {source} --update "
               f"--headroom {ceilings['headroom']}\n# Each limit is the measured bytes plus the "
-              f"headroom. Format and guards: bench/ceilings.py; README, \"Memory ceilings in CI\".\n")
+              f"headroom. Format and guards: bench/ceilings.py; docs/memory.md, \"Memory ceilings in CI\".\n")
     body = yaml.safe_dump({"headroom": ceilings["headroom"], "guards": ceilings["guards"]},
                           sort_keys=False)
     lines = ["ceilings:"] + [f"- {{{', '.join(f'{k}: {v}' for k, v in e.items())}}}"

@@ -198,7 +198,7 @@ def resolve(cfg: DictConfig | BenchConfig, launcher: str | None = None) -> Bench
 
 
 def _check_speed_settings(c: BenchConfig) -> None:
-    """The settings of the speed measurements: compile, capacity, budget_gb; and what the peer
+    """Checks of the speed settings (compile, capacity, budget_gb) and of what the hf_llama peer
     cannot do."""
     if c.compile and c.model in PEER_NAMES:
         raise _bad("compile", f"{c.model} runs transformers' eager generate", "false or unset")

@@ -290,8 +290,8 @@ def prediction_markdown(df: pd.DataFrame) -> list[str]:
         return []
     return ["## Predicted vs measured memory", "",
             "bench/memory_model.py predicts each point's peaks from its config alone (weights, KV"
-            " cache, largest activation set; README, \"Memory model\"). Error = predicted /"
-            " measured - 1.", "", pd.DataFrame(stats).to_markdown(index=False, floatfmt=".3f"), ""]
+            " cache, largest activation set; docs/memory.md, \"The memory model\"). Error ="
+            " predicted / measured - 1.", "", pd.DataFrame(stats).to_markdown(index=False, floatfmt=".3f"), ""]
 
 
 def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:

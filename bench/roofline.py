@@ -1,4 +1,4 @@
-"""How close a run is to the machine's limits (issue 6), for the speed columns of a row.
+"""How close a run is to the machine's limits, for the speed columns of a row.
 
 A decode step must at least read every weight it applies (the layers once per loop, the output
 head once) and every K/V row it attends to (one slot per layer per loop, over the context), for the

@@ -53,9 +53,9 @@ class TeacherSettings:
     lr: float = 5e-3
     warmup: int = 50
     # N(0, init_std) init of the teacher's and the standard model's matrices. With the models'
-    # default 0.02 (made for d = 2048) an earlier try (2 layers, 3 hops) kept its loss flat for 600
-    # steps at lr 1e-2, presumably near-zero attention scores; 0.125 (about 1/sqrt(d)) moved it
-    # within 200 at lr 3e-3.
+    # default 0.02 (made for d = 2048) a 2-layer, 3-hop teacher kept its loss flat for 600 steps at
+    # lr 1e-2, presumably near-zero attention scores; 0.125 (about 1/sqrt(d)) moved it within 200
+    # at lr 3e-3.
     init_std: float = 0.125
     exit_loss: str = "last"       # last | mean: which loop exits the pretraining loss covers
 

@@ -2,7 +2,7 @@
 
     out_dir/checkpoints/<row>/   config.json + model.safetensors (the models' Hugging Face layout;
                                  run_bench.py checkpoint=PATH loads them)
-    out_dir/table.csv, table.md  one row per model (columns: see README, "MELT post-training")
+    out_dir/table.csv, table.md  one row per model (docs/post-training.md, "Results")
     out_dir/accuracy.png         accuracy and KV bytes per token of every row
     out_dir/run.json             the settings and the wall times
 

@@ -1,0 +1,395 @@
+"""Figures that the README and docs/ quote from committed results, kept equal to their sources.
+
+In Markdown a quoted figure sits between two HTML comments, which render invisibly:
+
+    MELT keeps <!--q:training.melt_of_teacher-->0.992<!--/q--> of the teacher's accuracy
+
+and a generated table between markers on lines of their own (blank lines around the table):
+
+    <!--q:cpu.headline-->
+
+    | loops | ... |
+
+    <!--/q-->
+
+Each name in QUOTES maps to a function that reads a committed result file and returns the exact
+text, so a figure in the docs is either what the file says or a reported drift.
+
+    python -m bench.quotes check [FILE ...]   # exit 1, listing each quote that differs from its source
+    python -m bench.quotes write [FILE ...]   # rewrite every marked region from the results
+    python -m bench.quotes list               # the names and the files they read
+
+FILE defaults to README.md, docs/*.md and results/README.md. Exit status: 0 all equal, 1 a drift,
+an unknown name or a malformed marker, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+CPU = "results/reference/cpu"
+SPEED = "results/reference/cpu-speed"
+TRAINING = "results/reference/training"
+PAPER = "results/reference/paper_table2"
+
+
+@dataclass(frozen=True)
+class Quote:
+    sources: tuple[str, ...]      # files it reads, relative to the repository root
+    make: Callable[[Path], str]   # root -> the exact text
+    table: bool = False           # a block of lines (markers on lines of their own), else inline
+
+
+# -- reading the committed results ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+def _rows(root: Path, folder: str) -> pd.DataFrame:
+    """The ok rows of a reference sweep that its report summarises: scenario generate (else
+    decode), batch 1."""
+    df = _csv(root / folder / "table.csv")
+    df = df[df.status == "ok"]
+    scenario = "generate" if (df.scenario == "generate").any() else "decode"
+    return df[(df.scenario == scenario) & (df.batch == 1)]
+
+
+def _at(df: pd.DataFrame, column: str, **where) -> float:
+    rows = df
+    for key, value in where.items():
+        rows = rows[rows[key] == value]
+    if len(rows) != 1:
+        raise LookupError(f"{len(rows)} rows with {where}, expected one")
+    return float(rows[column].iloc[0])
+
+
+def _mib(value: float) -> str:
+    return f"{value / MIB:.1f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A Markdown table: the first `left` columns aligned left, the rest right."""
+    align = [":---" if i < left else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+# -- the quotes -----------------------------------------------------------------------------------
+
+def cpu_headline(root: Path) -> str:
+    """Peak memory against loops at 2048 tokens, and MELT / LoopLM (as report.md computes it)."""
+    df = _rows(root, CPU)
+    df = df[df.seq_len == 2048]
+    standard = _at(df, "peak_bytes", model="standard", loops=1)
+    rows = []
+    for loops in sorted(df[df.model == "ouro"].loops.unique()):
+        ouro = _at(df, "peak_bytes", model="ouro", loops=loops)
+        melt = _at(df, "peak_bytes", model="melt", loops=loops)
+        rows.append([str(loops), _mib(standard), _mib(ouro), _mib(melt), f"{melt / ouro:.3f}"])
+    return _markdown(["loops", "standard", "LoopLM (Ouro)", "MELT", "MELT / LoopLM"], rows)
+
+
+def cpu_loops1(root: Path) -> str:
+    """The three models at one loop: MELT carries its gate weights and prefills in chunks."""
+    df = _rows(root, CPU)
+    rows = []
+    for model, label in (("standard", "standard"), ("ouro", "LoopLM (Ouro)"), ("melt", "MELT")):
+        one = df[(df.model == model) & (df.loops == 1)]
+        rows.append([label, _mib(_at(one, "weights_bytes", seq_len=512))]
+                    + [_mib(_at(one, column, seq_len=n))
+                       for column in ("peak_bytes", "peak_decode_bytes") for n in (512, 2048)])
+    return _markdown(["model (loops 1)", "weights", "peak, 512", "peak, 2048", "decode peak, 512",
+                      "decode peak, 2048"], rows)
+
+
+def cpu_make_bench_wall(root: Path) -> str:
+    """The wall time environment.txt records for the reference `make bench`."""
+    text = (root / CPU / "environment.txt").read_text()
+    match = re.search(r"\((\d+m\d+s) wall", text)
+    if not match:
+        raise LookupError("no '(<m>m<s>s wall' in environment.txt")
+    return match.group(1)
+
+
+def paper_prediction_error(root: Path) -> str:
+    """Largest |predicted / measured - 1| of the memory model against the fake probe, in %, over
+    the paper_table2 points' prefill and decode peaks."""
+    df = _rows(root, PAPER)
+    errors = [df[f"predicted_{phase}_bytes"] / df[f"peak_{phase}_bytes"] - 1
+              for phase in ("prefill", "decode")]
+    return f"{100 * max(e.abs().max() for e in errors):.2f}"
+
+
+DECODE_RUNS = [  # (label, folder under results/reference/cpu-speed)
+    ("eager, 2 threads", "decode_speed_quiet"),
+    ("eager, 1 thread", "decode_speed_1thread"),
+    ("compiled, 1 thread", "decode_speed_1thread_compiled"),
+    ("eager, 2 threads, busy machine", "decode_speed"),
+]
+
+
+def speed_decode(root: Path) -> str:
+    """Decode tokens/s of each committed decode_speed run."""
+    rows = []
+    for label, folder in DECODE_RUNS:
+        df = _rows(root, f"{SPEED}/{folder}")
+        speed = {m: _at(df, "decode_tokens_per_s", model=m) if (df.model == m).any() else None
+                 for m in ("standard", "hf_llama", "ouro", "melt")}
+        cells = [f"{v:.1f}" if v else "not run" for v in speed.values()]
+        peer = f"{speed['standard'] / speed['hf_llama']:.2f}" if speed["hf_llama"] else ""
+        rows.append([label, *cells, peer, f"{speed['melt'] / speed['ouro']:.2f}"])
+    return _markdown(["run", "standard", "hf_llama", "LoopLM (Ouro)", "MELT", "standard / hf_llama",
+                      "MELT / LoopLM"], rows)
+
+
+def speed_capacity(root: Path) -> str:
+    """The capacity searches: measured at size small and estimated (fake probe) at Ouro-1.4B."""
+    small = _csv(root / SPEED / "capacity_1thread" / "table.csv")
+    large = _csv(root / SPEED / "capacity_fake_ouro-1.4b_32k" / "table.csv")
+    small, large = small[small.capacity_max_batch.notna()], large[large.capacity_max_batch.notna()]
+    rows = []
+    for model, label in (("standard", "standard"), ("ouro", "LoopLM (Ouro)"), ("melt", "MELT"),
+                         ("hf_llama", "hf_llama")):
+        cells = [label, f"{_at(small, 'capacity_max_batch', model=model):.0f}",
+                 f"{_at(small, 'decode_tokens_per_s', model=model):.0f}"]
+        cells.append(f"{_at(large, 'capacity_max_batch', model=model):.0f}"
+                     if (large.model == model).any() else "not run")
+        rows.append(cells)
+    return _markdown(["model", "max batch, small", "decode tok/s at it", "max batch, Ouro-1.4B (fake)"],
+                     rows)
+
+
+def training_table(root: Path) -> str:
+    """The post-training reference table (the columns of its table.md)."""
+    df = _csv(root / TRAINING / "table.csv")
+    rows = [[r.row, f"{r.accuracy:.3f}", f"{r.heldout_loss:.4f}", f"{r.kv_bytes_per_token:.0f}",
+             f"{r.peak_gen_bytes / MIB:.2f}", "" if pd.isna(r.train_wall_s) else f"{r.train_wall_s:.0f}"]
+            for r in df.itertuples()]
+    return _markdown(["row", "accuracy", "held-out loss", "KV B/token", "peak MiB, 1024-token generate",
+                      "train s"], rows)
+
+
+def _training(root: Path, column: str, row: str = "melt") -> float:
+    return _at(_csv(root / TRAINING / "table.csv"), column, row=row)
+
+
+def training_kv_fraction(root: Path) -> str:
+    fraction = _training(root, "kv_vs_teacher")
+    inverse = round(1 / fraction)
+    return f"1/{inverse}" if abs(fraction * inverse - 1) < 1e-9 else f"{fraction:.2f}"
+
+
+def training_pipeline_wall(root: Path) -> str:
+    """The reference run's wall time from its run.json, in whole minutes."""
+    seconds = json.loads((root / TRAINING / "run.json").read_text())["pipeline_wall_s"]
+    return f"{round(seconds / 60)} min"
+
+
+QUOTES: dict[str, Quote] = {
+    "cpu.headline": Quote((f"{CPU}/table.csv",), cpu_headline, table=True),
+    "cpu.loops1": Quote((f"{CPU}/table.csv",), cpu_loops1, table=True),
+    "cpu.make_bench_wall": Quote((f"{CPU}/environment.txt",), cpu_make_bench_wall),
+    "paper_table2.prediction_error_pct": Quote((f"{PAPER}/table.csv",), paper_prediction_error),
+    "speed.decode": Quote(tuple(f"{SPEED}/{f}/table.csv" for _, f in DECODE_RUNS), speed_decode,
+                          table=True),
+    "speed.capacity": Quote((f"{SPEED}/capacity_1thread/table.csv",
+                             f"{SPEED}/capacity_fake_ouro-1.4b_32k/table.csv"), speed_capacity,
+                            table=True),
+    "training.table": Quote((f"{TRAINING}/table.csv",), training_table, table=True),
+    "training.melt_of_teacher": Quote((f"{TRAINING}/table.csv",),
+                                      lambda root: f"{_training(root, 'accuracy_vs_teacher'):.3f}"),
+    "training.melt_kv_fraction": Quote((f"{TRAINING}/table.csv",), training_kv_fraction),
+    "training.pipeline_wall": Quote((f"{TRAINING}/run.json",), training_pipeline_wall),
+}
+
+
+# -- finding the marked regions -------------------------------------------------------------------
+
+COMMENT = re.compile(r"<!--(.*?)-->", re.S)
+NAME = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
+
+
+@dataclass
+class Region:
+    name: str
+    line: int      # of the opening marker
+    start: int     # offsets of the text between the markers
+    end: int
+
+    def text(self, source: str) -> str:
+        return source[self.start:self.end]
+
+
+@dataclass
+class Problem:
+    path: str
+    line: int
+    name: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.name}: {self.message}"
+
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
+CODE_SPAN = re.compile(r"(`+)(?:(?!\n\s*\n).)+?\1", re.S)
+
+
+def _blank_code(text: str) -> str:
+    """`text` with fenced blocks and code spans blanked out (same offsets, newlines kept), so that
+    a marker shown as an example in code is not taken for one."""
+    for pattern in (FENCE, CODE_SPAN):
+        text = pattern.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    return text
+
+
+def regions(text: str, path: str = "") -> tuple[list[Region], list[Problem]]:
+    """The marked regions of a Markdown text, and the markers that are not well-formed (an
+    opening without its closing marker, a closing without an opening, a bad name). Markers
+    inside code (fenced blocks, `code spans`) are examples, not markers."""
+    found, problems, open_ = [], [], None
+    for m in COMMENT.finditer(_blank_code(text)):
+        body, line = m.group(1), text.count("\n", 0, m.start()) + 1
+        if body.startswith("q:"):
+            name = body[2:]
+            if not NAME.fullmatch(name):
+                problems.append(Problem(path, line, name, "not a quote name (lower-case words "
+                                        "joined by dots, as in cpu.headline)"))
+            if open_ is not None:
+                problems.append(Problem(path, open_[1], open_[0], "no closing <!--/q--> before the "
+                                        "next quote"))
+            open_ = (name, line, m.end())
+        elif body == "/q":
+            if open_ is None:
+                problems.append(Problem(path, line, "/q", "a closing marker without an opening one"))
+            else:
+                found.append(Region(open_[0], open_[1], open_[2], m.start()))
+                open_ = None
+        elif re.match(r"\s*/?\s*q\s*:", body) or body.strip() == "/q":
+            problems.append(Problem(path, line, body.strip(), "malformed marker: write <!--q:NAME--> "
+                                    "and <!--/q--> without spaces"))
+    if open_ is not None:
+        problems.append(Problem(path, open_[1], open_[0], "no closing <!--/q-->"))
+    return [r for r in found if NAME.fullmatch(r.name)], problems
+
+
+def default_files(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "results" / "README.md"]
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _expected(region: Region, quote: Quote, root: Path) -> str:
+    text = quote.make(root)
+    return f"\n\n{text}\n\n" if quote.table else text
+
+
+def check(files: list[Path] | None = None, root: Path = ROOT) -> list[Problem]:
+    """Every problem in `files`: drifted figures, unknown names, malformed markers."""
+    problems = []
+    for path in files or default_files(root):
+        if not path.is_file():
+            continue
+        source, shown = path.read_text(), _display(path, root)
+        found, bad = regions(source, shown)
+        problems += bad
+        for region in found:
+            quote = QUOTES.get(region.name)
+            if quote is None:
+                problems.append(Problem(shown, region.line, region.name,
+                                        f"unknown quote name (known: {', '.join(QUOTES)})"))
+                continue
+            written = region.text(source)
+            if quote.table != written.startswith("\n"):
+                problems.append(Problem(shown, region.line, region.name,
+                                        "a table: put its markers on lines of their own" if quote.table
+                                        else "an inline figure: keep it on the markers' line"))
+                continue
+            try:
+                computed = _expected(region, quote, root)
+            except (OSError, LookupError, KeyError, ValueError) as e:
+                problems.append(Problem(shown, region.line, region.name,
+                                        f"cannot compute from {', '.join(quote.sources)}: {e}"))
+                continue
+            if written.strip("\n") != computed.strip("\n"):
+                problems.append(Problem(shown, region.line, region.name,
+                                        f"written {_show(written)}, computed {_show(computed)} "
+                                        f"(from {', '.join(quote.sources)})"))
+    return problems
+
+
+def _show(text: str) -> str:
+    text = text.strip("\n")
+    return repr(text) if "\n" not in text else "\n" + "\n".join("    " + t for t in text.split("\n")) + "\n  "
+
+
+def write(files: list[Path] | None = None, root: Path = ROOT) -> list[Path]:
+    """Rewrite every known, well-formed region of `files` from the results; returns the files
+    changed. Regions with an unknown name or a wrong shape are left as they are."""
+    changed = []
+    for path in files or default_files(root):
+        if not path.is_file():
+            continue
+        source = path.read_text()
+        found, _ = regions(source)
+        out, last = [], 0
+        for region in found:
+            quote = QUOTES.get(region.name)
+            if quote is None or quote.table != region.text(source).startswith("\n"):
+                continue
+            out += [source[last:region.start], _expected(region, quote, root)]
+            last = region.end
+        new = "".join(out) + source[last:]
+        if new != source:
+            path.write_text(new)
+            changed.append(path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quotes", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["check", "write", "list"])
+    parser.add_argument("files", nargs="*", type=Path,
+                        help="Markdown files (default: README.md, docs/*.md, results/README.md)")
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        print(f"python -m bench.quotes: error: {missing[0]}: no such file", file=sys.stderr)
+        return 2
+    files = args.files or default_files()
+    if args.action == "list":
+        for name, quote in QUOTES.items():
+            print(f"{name}: {', '.join(quote.sources)}")
+        return 0
+    if args.action == "write":
+        for path in write(files):
+            print(f"rewrote {_display(path, ROOT)}")
+    problems = check(files)
+    for problem in problems:
+        print(problem)
+    count = sum(len(regions(f.read_text())[0]) for f in files if f.is_file())
+    print(f"quotes: {count} in {len(files)} files, {len(problems)} "
+          f"problem{'s' if len(problems) != 1 else ''}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
