@@ -117,7 +117,7 @@ def _stored_dtype(raw: dict) -> torch.dtype | None:
     if name is None:
         return None
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError("dtype", f"{name!r} in config.json", "float32 | bfloat16 | float16")
     return dtype
 
