@@ -133,6 +133,12 @@ class Point:
     def decode(self, logits: torch.Tensor, eager: bool = False, timer: StepTimer | None = None) -> None:
         self.engine.decode(logits, self.cache, self.prompt.shape[1], self.new_tokens, eager=eager, timer=timer)
 
+    def run(self, decodes: bool) -> None:
+        """An untimed, eager run (a warm-up): nothing it made outlives it."""
+        logits = self.prefill()
+        if decodes:
+            self.decode(logits, eager=True)
+
 
 def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
     """Build the model, warm up (first calls allocate library workspaces), then one prefill and
@@ -154,11 +160,7 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
         engine = Engine(model, compile=p.compile, backend=p.compile_backend)
         max_len = p.seq_len + p.new_tokens
         for _ in range(p.warmup if probe.timed else 0):
-            point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p)
-            logits = point.prefill()
-            if decodes:
-                point.decode(logits, eager=True)
-        point = None
+            Point(engine, engine.new_cache(p.batch, max_len), prompt, p).run(decodes)
         before = probe.current_bytes()
         point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p)
         kv_measured = probe.current_bytes() - before
