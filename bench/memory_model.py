@@ -17,10 +17,11 @@ intermediate, Q = B*C*H*D*b the queries):
   input and three [B, C, f] intermediates at `silu(gate) * up` -> 3E + 3F, with the chunk's
   RoPE tables [C, D] x 2 and its [C, end] bool mask (none for a causal first chunk). MELT adds
   its N latents [B, C, d] (none with one loop: no later loop reads them); an early-exit LoopLM
-  its earlier exits. With grouped-query attention after the first chunk the attention can be
-  larger: the folded queries and the mask stacked once per group (models.layers.attend).
+  its earlier exits. At long contexts the attention of a masked chunk is larger than the MLP:
+  SDPA makes a float copy of the [C, end] mask (stacked once per group, with the folded queries,
+  for grouped-query attention: models.layers.attend); see attention_bytes.
 - decode transient: the ids and the prefill's logits (held by the caller), and the largest
-  moment of a decode step (decode_step_bytes): its mask, its MLP, or its output head.
+  moment of a decode step (decode_step_bytes): its mask, its MLP or attention, or its output head.
   Attention runs in a fused kernel (flash or memory-efficient SDPA) that keeps no [S, L] scores.
 
 It models the code as written (tensors PyTorch keeps alive between ops), to the byte on the
@@ -102,22 +103,42 @@ def pass_bytes(c, batch: int, tokens: int, dtype: torch.dtype) -> int:
     return 3 * E + 3 * F + rope
 
 
+def attention_bytes(c, batch: int, rows: int, end: int, masked: bool, dtype: torch.dtype) -> int:
+    """What is alive inside the attention of a pass over `rows` query tokens and `end` keys,
+    beside the caller's: the layer's input and its normed copy (2E), the rotated queries and the
+    output (2Q; with grouped-query attention over several tokens a third, the folded queries), SDPA's
+    float copy of the bool mask (stacked once per group over several tokens, with the stacked
+    bool mask), and its log-sum-exp (fp32, one per query row and head). Unmasked (a causal first
+    chunk): no mask at all."""
+    b = dtype.itemsize
+    groups = c.num_attention_heads // c.num_key_value_heads
+    E = batch * rows * c.hidden_size * b
+    Q = batch * rows * c.num_attention_heads * c.head_dim * b
+    lse = batch * rows * c.num_attention_heads * 4
+    if not masked:
+        return 2 * E + 2 * Q + lse
+    # Several query tokens: the folded queries are a copy (the rotated queries are laid out token
+    # by token) and the mask is stacked once per group; a single query folds as a view and
+    # broadcasts its [1, end] mask.
+    stacked = groups if rows > 1 else 1
+    folded = Q if groups > 1 and rows > 1 else 0
+    return 2 * E + 2 * Q + folded + stacked * rows * end * b + (stacked * rows * end if stacked > 1 else 0) + lse
+
+
 def chunk_bytes(c, batch: int, begin: int, end: int, dtype: torch.dtype) -> int:
     """Peak activations of the pass over tokens begin..end of a prompt (all loops of one chunk,
-    or the whole prompt in one pass): the larger of the MLP's set and, for grouped-query attention
-    after the first chunk, the attention's (its query heads folded along the query axis against
-    the unrepeated K/V, with the [C, end] mask stacked once per group: see models.layers.attend);
-    the chunk's bool mask; MELT's latents; the exits kept by an early-exit LoopLM."""
+    or the whole prompt in one pass): the larger of the MLP's set and the attention's (see
+    attention_bytes), the chunk's RoPE tables and its bool mask (none for a causal first chunk),
+    MELT's latents, the exits kept by an early-exit LoopLM."""
     b, C = dtype.itemsize, end - begin
     E = batch * C * c.hidden_size * b
-    Q = batch * C * c.num_attention_heads * c.head_dim * b
-    groups = c.num_attention_heads // c.num_key_value_heads
-    mask = C * end if begin > 0 else 0                       # bool [C, end]; none for a causal first pass
-    mlp = pass_bytes(c, batch, C, dtype)
-    attention = 2 * E + 3 * Q + groups * mask + 2 * C * c.head_dim * b if groups > 1 and mask else 0
+    mask = C * end if begin > 0 else 0                       # bool [C, end]
+    rope = 2 * C * c.head_dim * b
+    mlp = 3 * E + 3 * batch * C * c.intermediate_size * b
+    attention = attention_bytes(c, batch, C, end, begin > 0, dtype)
     latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
     exits = (c.loops - 1) * batch * c.hidden_size * b if c.arch == "ouro" and c.exit_policy != "last" else 0
-    return max(mlp, attention) + mask + latents + exits
+    return max(mlp, attention) + rope + mask + latents + exits
 
 
 def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch.dtype) -> int:
@@ -134,7 +155,8 @@ def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch
     positions = 2 * c.head_dim * b + max_len                 # RoPE tables [1, D] x 2, bool mask [1, max_len]
     latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
     exits = (c.loops - 1) * E if c.arch == "ouro" and c.exit_policy != "last" else 0
-    return tokens + max(8 * max_len + max_len, positions + 3 * E + 3 * F + latents + exits,
+    attention = attention_bytes(c, batch, 1, max_len, True, dtype)
+    return tokens + max(8 * max_len + max_len, positions + max(3 * E + 3 * F, attention) + latents + exits,
                         positions + E + logits + exits)
 
 

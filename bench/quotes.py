@@ -39,6 +39,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
 CPU = "results/reference/cpu"
+CPU_ONE_PASS = "results/reference/cpu-one-pass"
 SPEED = "results/reference/cpu-speed"
 TRAINING = "results/reference/training"
 PAPER = "results/reference/paper_table2"
@@ -103,7 +104,7 @@ def cpu_headline(root: Path) -> str:
 
 
 def cpu_loops1(root: Path) -> str:
-    """The three models at one loop: MELT carries its gate weights and prefills in chunks."""
+    """The three models at one loop: MELT is the standard model plus its gate weights."""
     df = _rows(root, CPU)
     rows = []
     for model, label in (("standard", "standard"), ("ouro", "LoopLM (Ouro)"), ("melt", "MELT")):
@@ -113,6 +114,17 @@ def cpu_loops1(root: Path) -> str:
                        for column in ("peak_bytes", "peak_decode_bytes") for n in (512, 2048)])
     return _markdown(["model (loops 1)", "weights", "peak, 512", "peak, 2048", "decode peak, 512",
                       "decode peak, 2048"], rows)
+
+
+def cpu_schedules(root: Path) -> str:
+    """MELT / LoopLM peak at 2048 tokens per loops, under each prefill schedule."""
+    rows = []
+    for folder, label in ((CPU, "chunked (equal chunks of 500)"), (CPU_ONE_PASS, "one pass (MELT in chunks)")):
+        df = _rows(root, folder)
+        df = df[df.seq_len == 2048]
+        rows.append([label] + [f"{_at(df, 'peak_bytes', model='melt', loops=n) / _at(df, 'peak_bytes', model='ouro', loops=n):.3f}"
+                               for n in (1, 4, 8, 16)])
+    return _markdown(["prefill schedule", "loops 1", "loops 4", "loops 8", "loops 16"], rows)
 
 
 def cpu_make_bench_wall(root: Path) -> str:
@@ -201,6 +213,7 @@ def training_pipeline_wall(root: Path) -> str:
 QUOTES: dict[str, Quote] = {
     "cpu.headline": Quote((f"{CPU}/table.csv",), cpu_headline, table=True),
     "cpu.loops1": Quote((f"{CPU}/table.csv",), cpu_loops1, table=True),
+    "cpu.schedules": Quote((f"{CPU}/table.csv", f"{CPU_ONE_PASS}/table.csv"), cpu_schedules, table=True),
     "cpu.make_bench_wall": Quote((f"{CPU}/environment.txt",), cpu_make_bench_wall),
     "paper_table2.prediction_error_pct": Quote((f"{PAPER}/table.csv",), paper_prediction_error),
     "speed.decode": Quote(tuple(f"{SPEED}/{f}/table.csv" for _, f in DECODE_RUNS), speed_decode,

@@ -103,14 +103,18 @@ def _measure(p: BenchConfig, timed: bool = True) -> dict:
     # buffers are gone when the point's memory is measured).
     limits = env.limits(p.device, p.dtype) if timed else {}
     torch.manual_seed(p.seed)
-    with torch.inference_mode():
+    # The memory pass runs under no_grad, not inference_mode: in inference mode a composite op
+    # (scaled_dot_product_attention) reaches the probes whole and makes its temporaries (the float
+    # copy of a bool mask) below them, unseen; under no_grad the probes see each op it is made of.
+    with torch.no_grad():
         point, row = _memory_pass(p, probe)
-        if timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
-            row["timing_status"] = "ok"
-            try:
+    if timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
+        row["timing_status"] = "ok"
+        try:
+            with torch.inference_mode():
                 row.update(limits, **_timing_pass(p, point, limits))
-            except Exception as e:  # noqa: BLE001 - the memory columns stand; say why there is no speed
-                row.update(timing_status=_failure(e), timing_error=_message(e))
+        except Exception as e:  # noqa: BLE001 - the memory columns stand; say why there is no speed
+            row.update(timing_status=_failure(e), timing_error=_message(e))
     return row
 
 

@@ -101,13 +101,27 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("args, field", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_bench, args, field):
-    run = run_bench(*args, *[a for a in SMALL_INPUT if not a.startswith(field)],
-                    f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
-    assert run.returncode != 0
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, run.stderr
+def test_bad_input_is_one_line(capsys, args, field):
+    """run_bench.py's check of every point before Hydra starts (in this process: the command-line
+    path itself is the next test's)."""
+    from bench import cli, config
+
+    from conftest import ROOT
+
+    config.register()
+    with pytest.raises(SystemExit) as stop:
+        cli.preflight([*args, *[a for a in SMALL_INPUT if not a.startswith(field)]], str(ROOT / "conf"), "config")
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
     assert lines[0].startswith(f"run_bench.py: error: {field}") and "allowed: " in lines[0]
+
+
+@pytest.mark.parametrize("args", [["loops=0"], ["-m", "loops=1,0"]], ids=["point", "sweep"])
+def test_bad_input_on_the_command_line_exits_2_and_writes_nothing(tmp_path, run_bench, args):
+    run = run_bench(*args, *SMALL_INPUT, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["run_bench.py: error: loops: got 0; allowed: an integer >= 1"]
     assert "Traceback" not in run.stdout + run.stderr
     assert list(tmp_path.iterdir()) == []
 

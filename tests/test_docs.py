@@ -44,6 +44,8 @@ EXPENSIVE = {
     "make test": "installs the venv, then the whole test suite, this test included: minutes",
     "make bench ceilings": "the default sweep first, as make bench",
     f"{PY} run_bench.py -m experiment=memory_vs_depth": "a sweep of 11 points: a minute or more",
+    f"{PY} run_bench.py -m experiment=default prefill=one_pass name=default_one_pass":
+        "the default sweep, one-pass prefill: minutes",
     f"{PY} run_bench.py -m model=standard,ouro,melt loops=1,2,4,8 seq_len=512,2048":
         "a sweep of 18 points: a minute or more",
     f"{PY} run_bench.py -m probe=fake size=ouro-1.4b dtype=bfloat16 loops=4 seq_len=32000 "
@@ -243,13 +245,16 @@ def test_every_quote_is_used_and_well_formed():
 def test_a_drifted_figure_is_reported_and_rewritten(tmp_path):
     right = quotes.QUOTES["training.melt_of_teacher"].make(ROOT)
     table = quotes.QUOTES["cpu.headline"].make(ROOT)
+    ratio = table.splitlines()[2].split("|")[-2].strip()  # MELT / LoopLM at one loop, e.g. 1.047
+    drifted = table.replace(f"| {ratio} |", "| 0.78 |", 1)
+    assert drifted != table
     page = tmp_path / "page.md"
     page.write_text("MELT keeps <!--q:training.melt_of_teacher-->0.5<!--/q--> of it.\n\n"
-                    "<!--q:cpu.headline-->\n\n" + table.replace("0.797", "0.78") + "\n\n<!--/q-->\n")
+                    "<!--q:cpu.headline-->\n\n" + drifted + "\n\n<!--/q-->\n")
     problems = quotes.check([page])
     assert [(p.line, p.name) for p in problems] == [(1, "training.melt_of_teacher"), (3, "cpu.headline")]
     assert "written '0.5'" in problems[0].message and f"computed {right!r}" in problems[0].message
-    assert "0.78" in problems[1].message and "0.797" in problems[1].message
+    assert "0.78" in problems[1].message and ratio in problems[1].message
     assert quotes.main(["check", str(page)]) == 1
     assert quotes.write([page]) == [page]
     assert quotes.check([page]) == []

@@ -226,10 +226,14 @@ def test_grouped_attention_matches_the_repeated_reference():
     torch.testing.assert_close(attend(q[:, :, :1], k, v, mask[:1]), expected[:, :, :1])
 
 
-def test_a_grouped_query_decode_peak_is_the_memory_model_s():
-    """The tracked peak of a GQA model's prefill (chunked, masked chunks) and decode equals the
-    analytic memory model to the byte: nothing the model does not account for (a repeated K/V)."""
-    row = measure(_point(model="standard", seq_len=600, chunk_size=128, new_tokens=4, repeats=0))
+@pytest.mark.parametrize("size, seq_len, probe", [("tiny", 600, "tracked"), ("tiny", 600, "fake"),
+                                                   ("small", 4096, "tracked")])
+def test_attention_peaks_are_the_memory_model_s(size, seq_len, probe):
+    """The peaks of a GQA model (tiny: 4 query heads over 2 KV heads) and of a long context, where
+    the attention of a masked chunk (its float mask) outgrows the MLP, equal the analytic memory
+    model to the byte: nothing it does not account for (a repeated K/V, a mask copy)."""
+    row = measure(_point(model="standard", size=size, seq_len=seq_len, chunk_size=128, new_tokens=4, repeats=0,
+                         probe=probe))
     assert row["status"] == "ok", row["error"]
     assert row["peak_prefill_bytes"] == row["predicted_prefill_bytes"]
     assert row["peak_decode_bytes"] == row["predicted_decode_bytes"]
