@@ -17,11 +17,13 @@ from .config import (ALL_MODEL_NAMES, CACHE_UPDATES, EXIT_POLICIES, INIT_LATENTS
                      MODEL_OPTIONS, PEER_NAMES, SIZES, ConfigError, LoopConfig, make_config)
 from .hf_llama import HFLlamaLM
 from .layers import CausalLM
+from .loopcoder import LoopCoderLM
 from .melt import MeltLM
 from .ouro import OuroLM
 from .standard import StandardLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {"standard": StandardLM, "ouro": OuroLM, "melt": MeltLM,
+                                            "loopcoder": LoopCoderLM,
                                             "hf_llama": HFLlamaLM}  # the peer, see models/hf_llama.py
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,5 +85,5 @@ def build_model(name: str, size: str = "tiny", loops: int | None = None, *, dtyp
 
 
 __all__ = ["build_model", "build_from_config", "make_config", "LoopConfig", "KVCache", "ConfigError",
-           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "MODEL_NAMES", "PEER_NAMES", "ALL_MODEL_NAMES", "HFLlamaLM", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
+           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "LoopCoderLM", "MODEL_NAMES", "PEER_NAMES", "ALL_MODEL_NAMES", "HFLlamaLM", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
            "INIT_LATENTS", "KV_SHARINGS", "EXIT_POLICIES"]

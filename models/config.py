@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-MODEL_NAMES = ("standard", "ouro", "melt")
+from .policies import KV_SHARINGS  # the LoopLM's cache policies
+
+MODEL_NAMES = ("standard", "ouro", "melt", "loopcoder")
 # Peers: other libraries' models built from the same size presets, benchmarked beside ours
 # (models/hf_llama.py). They run once (loops = 1) and take none of MODEL_OPTIONS.
 PEER_NAMES = ("hf_llama",)
 ALL_MODEL_NAMES = MODEL_NAMES + PEER_NAMES
 CACHE_UPDATES = ("gated", "last", "mean", "ema", "scalar")
 INIT_LATENTS = ("input", "zero")
-KV_SHARINGS = ("per_loop", "last_loop")
 EXIT_POLICIES = ("last", "threshold", "fixed")
 
 # Options that only one model has; make_config refuses them for the others.
 MODEL_OPTIONS = {
     "chunk_size": "melt", "cache_update": "melt", "init_latent": "melt", "ema_alpha": "melt",
-    "kv_sharing": "ouro", "exit_policy": "ouro", "exit_threshold": "ouro", "exit_step": "ouro",
+    "kv_sharing": "ouro", "kv_ring": "ouro", "kv_anchor": "ouro", "kv_window": "loopcoder",
+    "exit_policy": "ouro", "exit_threshold": "ouro", "exit_step": "ouro",
 }
 
 _OURO_COMMON = dict(
@@ -80,6 +82,10 @@ class LoopConfig(PretrainedConfig):
         total_ut_steps: int = 4,
         # LoopLM (Ouro) options
         kv_sharing: str = "per_loop",
+        kv_ring: int = 1,
+        kv_anchor: int = 1,
+        # LoopCoder's option
+        kv_window: int = 64,
         exit_policy: str = "last",
         early_exit_threshold: float = 1.0,
         exit_step: int | None = None,
@@ -106,6 +112,9 @@ class LoopConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.total_ut_steps = total_ut_steps
         self.kv_sharing = kv_sharing
+        self.kv_ring = kv_ring
+        self.kv_anchor = kv_anchor
+        self.kv_window = kv_window
         self.exit_policy = exit_policy
         self.early_exit_threshold = early_exit_threshold
         self.exit_step = exit_step
@@ -122,7 +131,7 @@ class LoopConfig(PretrainedConfig):
         _choice("arch", self.arch, ALL_MODEL_NAMES)
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads",
-                      "max_position_embeddings", "loops", "chunk_size"):
+                      "max_position_embeddings", "loops", "chunk_size", "kv_ring", "kv_anchor", "kv_window"):
             _positive_int(field, getattr(self, field))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("num_attention_heads", f"{self.num_attention_heads} does not divide "

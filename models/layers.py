@@ -94,18 +94,35 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, kv_input: torch.Tensor, pos: Positions,
-                cache: KVCache | None, slot: int) -> torch.Tensor:
+                cache: KVCache | None, slot: int, write: bool = True) -> torch.Tensor:
         """Queries from x [B, S, d]; keys and values from kv_input [B, S, d] (x itself, except for
         MELT's latent). With a cache, K/V go to rows pos.start.. of `slot` and attention covers
-        rows 0..pos.start+S of that slot."""
+        rows 0..pos.start+S of that slot. write=False: no K/V of its own (not even computed); the
+        queries read what `slot` holds (its rows for these tokens were written by an earlier loop)."""
+        q = self.queries(x, pos)                                                               # [B, H, S, D]
+        if write:
+            k, v = self.keys_values(kv_input, pos)                                              # [B, Hkv, S, D]
+            if cache is not None:
+                k, v = cache.update(slot, pos.start, k, v)                                      # [B, Hkv, start+S, D]
+        else:
+            k, v = cache.read(slot, pos.start, x.shape[1])
+        return self.output(attend(q, k, v, pos.mask))
+
+    def queries(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """x [B, S, d] -> rotated queries [B, H, S, D]."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)             # [B, H, S, D]
-        k = self.k_proj(kv_input).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
-        v = self.v_proj(kv_input).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = pos.rotate(q), pos.rotate(k)
-        if cache is not None:
-            k, v = cache.update(slot, pos.start, k, v)                                          # [B, Hkv, start+S, D]
-        out = attend(q, k, v, pos.mask)                                                         # [B, H, S, D]
+        return pos.rotate(self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2))
+
+    def keys_values(self, x: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d] -> rotated keys and values [B, Hkv, S, D]."""
+        B, S, _ = x.shape
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return pos.rotate(k), v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, S, D] -> o_proj of the heads concatenated [B, S, d]."""
+        B, _, S, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
@@ -158,16 +175,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm_2 = RMSNorm(d, eps)  # after the MLP
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None, slot: int = 0,
-                latent=None) -> torch.Tensor:
+                latent=None, write: bool = True, attention=None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]. `latent(u) -> h` lets MELT derive K/V from its gated latent
-        instead of the attention input u; the other models pass None."""
-        x = x + self.input_layernorm_2(self._attend(x, pos, cache, slot, latent))
+        instead of the attention input u; the other models pass None. write=False: the attention
+        reads `slot` without K/V of its own (Attention.forward). `attention(self_attn, u) -> [B, S, d]`
+        replaces the attention sub-layer (LoopCoder's gated window attention), with the same
+        weights and norms around it."""
+        x = x + self.input_layernorm_2(self._attend(x, pos, cache, slot, latent, write, attention))
         return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
 
-    def _attend(self, x, pos, cache, slot, latent) -> torch.Tensor:
+    def _attend(self, x, pos, cache, slot, latent, write, attention) -> torch.Tensor:
         # Its own function so that u and the latent [B, S, d] are freed before the MLP runs.
         u = self.input_layernorm(x)
-        return self.self_attn(u, u if latent is None else latent(u), pos, cache, slot)
+        if attention is not None:
+            return attention(self.self_attn, u)
+        return self.self_attn(u, u if latent is None else latent(u), pos, cache, slot, write)
 
 
 class Backbone(nn.Module):
@@ -222,6 +244,14 @@ class CausalLM(nn.Module):
         """The layers over a block of embedded tokens x [B, S, d] at `pos` -> final normed hidden
         states [B, S, d] ([B, 1, d] may do when last_only)."""
         raise NotImplementedError
+
+    def num_decode_slots(self) -> int:
+        """Slots the cache holds after the prefill (fewer for a policy that merges them)."""
+        return self.num_cache_slots()
+
+    def needs_cache(self) -> bool:
+        """Whether even an uncached forward needs a scratch cache (a loop reading another's K/V)."""
+        return False
 
     def default_chunk_size(self) -> int | None:
         """The chunk of a forward that names none: one pass (None), except where chunks are part of
@@ -287,6 +317,12 @@ class CausalLM(nn.Module):
     def kv_bytes_per_token(self) -> int:
         return self.kv_cache_bytes(1, 1)
 
+    def kv_decode_bytes(self, batch_size: int, max_len: int) -> int:
+        """Analytic size of the cache after the prefill (num_decode_slots)."""
+        c = self.config
+        return self.num_decode_slots() * KVCache.slot_bytes(batch_size, c.num_key_value_heads, max_len,
+                                                             c.head_dim, self.dtype)
+
     # -- forward ------------------------------------------------------------------------------
     def positions(self, start: int, length: int) -> Positions:
         c = self.config
@@ -307,7 +343,7 @@ class CausalLM(nn.Module):
         self._check_inputs(input_ids, cache, start_pos)
         B, S = input_ids.shape
         bounds = chunk_bounds(S, chunk_size or self.default_chunk_size() or S)
-        if cache is None and len(bounds) > 1:
+        if cache is None and (len(bounds) > 1 or self.needs_cache()):
             cache = self.new_cache(B, S)
         hidden = []
         for begin, end in bounds:

@@ -1,14 +1,17 @@
-"""Ouro-style LoopLM: the same N layers applied T times, one KV slot per (loop, layer).
+"""Ouro-style LoopLM: the same N layers applied T times, with a KV cache policy.
 
 After every loop the final norm gives s_t = model.norm(h_t): loop t's exit (logits_t = lm_head(s_t))
 and loop t+1's input. RoPE tables are computed once and reused by every loop. In loop t, layer l a
-token writes its K/V to slot t * N + l and attends to earlier tokens' loop-t K/V of that layer, so
-the cache holds N * T slots: T times the standard model's.
+token writes its K/V to slot group * N + l, the group its cache policy (kv_sharing) gives loop t,
+and attends to earlier tokens' K/V in that slot:
 
-kv_sharing="last_loop" is the Ouro paper's zero-shot decode-time sharing: the prefill fills all
-N * T slots, then only the last loop's N slots are kept; in decode every loop's K/V of the new token
-goes to that last-loop slot (overwritten loop by loop), so the token sees past tokens' last-loop K/V
-plus its own current K/V, and only its last-loop K/V stays.
+  per_loop (Ouro's own): group t, so the cache holds N * T slots, T times the standard model's;
+  last_loop, first_loop, mean_loops (the Ouro paper's decode-time sharing): per-loop while the
+    prompt goes in, then one slot per layer (the last loop's, the first's, or their mean), which
+    every loop of a decoded token writes and reads; the token's row keeps its last, first or mean
+    K/V;
+  ring (K), anchor (A, K) (Huginn's compressed caches), first_writes (Mixture-of-Recursions):
+    fewer groups in every phase. models/policies.py has them all, as data this loop reads.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from .cache import KVCache
 from .config import LoopConfig
 from .layers import CausalLM, Positions
+from .policies import POLICIES, KVPolicy
 
 
 def exit_probabilities(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -49,31 +53,57 @@ class OuroLM(CausalLM):
         super().__init__(config)
         self.model.early_exit_gate = nn.Linear(config.hidden_size, 1)
 
+    @property
+    def policy(self) -> KVPolicy:
+        return POLICIES[self.config.kv_sharing]
+
+    def _groups(self) -> int:
+        c = self.config
+        return self.policy.groups(c.loops, c.kv_ring, c.kv_anchor)
+
     def num_cache_slots(self) -> int:
-        return self.config.num_hidden_layers * self.config.loops
+        return self.config.num_hidden_layers * self._groups()
+
+    def num_decode_slots(self) -> int:
+        c = self.config
+        return c.num_hidden_layers * self.policy.decode_groups(c.loops, c.kv_ring, c.kv_anchor)
+
+    def needs_cache(self) -> bool:
+        return not all(self.policy.writes(t) for t in range(self.config.loops))
 
     def end_prefill(self, cache: KVCache) -> None:
-        """Last-loop sharing: once the whole prompt is in, keep only the last loop's N slots."""
-        c = self.config
-        if c.kv_sharing == "last_loop":
-            cache.keep_slots(range((c.loops - 1) * c.num_hidden_layers, c.loops * c.num_hidden_layers))
+        """The prompt is in: a merging policy turns each layer's per-loop slots into one."""
+        if self.policy.merge and not cache.merged:
+            N = self.config.num_hidden_layers
+            cache.merge_groups([[g * N + layer for g in range(self._groups())] for layer in range(N)],
+                               self.policy.merge)
 
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
         c = self.config
-        N, T = c.num_hidden_layers, c.loops
-        last_loop_slots = range((T - 1) * N, T * N)
-        # After a last-loop-sharing prefill only the last loop's slots remain: every loop writes there.
-        shared = cache is not None and c.kv_sharing == "last_loop" and not cache.has_slot(0) and T > 1
-        exits = []                                                   # s_t per loop, when the policy needs them
+        N, T, policy = c.num_hidden_layers, c.loops, self.policy
+        merged = cache is not None and cache.merged      # decoding with one slot per layer
+        # A merged slot gets every loop's K/V of the new tokens (each query sees its own), then
+        # keeps the first loop's or the mean (the last loop's is already there).
+        keep = policy.merge if merged and policy.merge in ("first", "mean") else None
+        kept: list = [None] * N                           # per layer: (k, v) rows [B, Hkv, S, D] to store
+        exits = []                                       # s_t per loop, when the exit policy needs them
         for loop in range(T):
+            group = 0 if merged else policy.group(loop, c.kv_ring, c.kv_anchor)
+            write = policy.writes(loop)
             for layer_idx, layer in enumerate(self.model.layers):
-                slot = last_loop_slots[layer_idx] if shared else loop * N + layer_idx
-                x = layer(x, pos, cache, slot)
+                x = layer(x, pos, cache, group * N + layer_idx, write=write)
+                if keep == "mean" or (keep == "first" and loop == 0):
+                    rows = cache.copy_rows(layer_idx, pos.start, x.shape[1])
+                    kept[layer_idx] = rows if kept[layer_idx] is None else tuple(
+                        a + b for a, b in zip(kept[layer_idx], rows))
             # s_t: exit t and the input of loop t+1 (the last loop's only at the last position
             # when that is all the caller wants)
             x = self.model.norm(x[:, -1:] if last_only and loop == T - 1 else x)
             if c.exit_policy != "last":  # (a copy of the last position: a view would keep all of x)
                 exits.append(x[:, -1:].clone() if last_only else x)
+        for layer_idx, rows in enumerate(kept if keep else ()):
+            k, v = (r / T for r in rows) if keep == "mean" else rows
+            cache.write(layer_idx, pos.start, k, v)
         if c.exit_policy == "last":
             return x
         if c.exit_policy == "fixed":

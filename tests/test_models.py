@@ -468,7 +468,8 @@ def test_a_checkpoint_with_part_of_the_gates_is_refused(tmp_path):
     (lambda: build_model("melt", chunk_size=0), "chunk_size"),
     (lambda: build_model("melt", cache_update="max"), "cache_update"),
     (lambda: build_model("melt", init_latent="noise"), "init_latent"),
-    (lambda: build_model("ouro", kv_sharing="first_loop"), "kv_sharing"),
+    (lambda: build_model("ouro", kv_sharing="second_loop"), "kv_sharing"),
+    (lambda: build_model("ouro", kv_sharing="ring", kv_ring=0), "kv_ring"),
     (lambda: build_model("ouro", exit_policy="fixed"), "exit_step"),
     (lambda: build_model("ouro", exit_policy="fixed", exit_step=9), "exit_step"),
     (lambda: build_model("ouro", exit_threshold=1.5), "exit_threshold"),
@@ -502,12 +503,19 @@ def test_bad_positions_name_the_field():
         model(torch.zeros(4))
 
 
-def test_kvcache_refuses_a_dropped_slot():
-    cache = KVCache(2, 1, 1, 4, 2, torch.float32, "cpu")
-    cache.keep_slots([1])
-    with pytest.raises(RuntimeError, match="slot 0 was dropped"):
-        cache.update(0, 0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
-    assert cache.nbytes() == KVCache.slot_bytes(1, 1, 4, 2, torch.float32)
+def test_kvcache_merges_groups_and_refuses_a_dropped_slot():
+    """Two layers, two groups (slots g * 2 + layer): merging keeps one slot per layer."""
+    cache = KVCache(4, 1, 1, 4, 2, torch.float32, "cpu")
+    for slot in range(4):
+        cache.write(slot, 0, torch.full((1, 1, 4, 2), float(slot)), torch.full((1, 1, 4, 2), float(slot)))
+    cache.merge_groups([[0, 2], [1, 3]], "mean")
+    assert cache.merged and cache.num_slots == 2
+    assert cache.read(0, 0, 4)[0].unique().tolist() == [1.0] and cache.read(1, 0, 4)[1].unique().tolist() == [2.0]
+    assert cache.nbytes() == 2 * KVCache.slot_bytes(1, 1, 4, 2, torch.float32)
+    cache.view = None  # as a model that did not know the cache was merged would address it
+    with pytest.raises(RuntimeError, match="slot 2 was dropped"):
+        cache.update(2, 0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    assert cache.reset().num_slots == 4 and not cache.merged
 
 
 def test_chunk_bounds():
