@@ -42,7 +42,7 @@ def _bad(field: str, problem: str, allowed: str) -> ConfigError:
 @dataclass
 class BenchConfig:
     # What to measure
-    model: str = "melt"  # standard | ouro | melt | hf_llama (the peer: transformers' Llama)
+    model: str = "melt"  # standard | ouro | melt | loopcoder | hf_llama (the peer: transformers' Llama)
     # Size preset of models.SIZES; by default `small` on CPU and Ouro-1.4B on a GPU.
     size: str = "${on_device:${device},small,ouro-1.4b}"
     loops: Optional[int] = None  # None: the model's own (4 for the size presets; a checkpoint's total_ut_steps)
@@ -65,7 +65,10 @@ class BenchConfig:
     # Model options (None: the model's default); see MODEL_OPTIONS for which model takes which.
     cache_update: Optional[str] = None
     init_latent: Optional[str] = None
-    kv_sharing: Optional[str] = None
+    kv_sharing: Optional[str] = None  # the LoopLM's cache policy (models/policies.py)
+    kv_ring: Optional[int] = None     # its ring's slots per layer (ring, anchor)
+    kv_anchor: Optional[int] = None   # its anchor slots per layer (anchor)
+    kv_window: Optional[int] = None   # LoopCoder's local attention window W
     exit_policy: Optional[str] = None
     exit_threshold: Optional[float] = None
     exit_step: Optional[int] = None

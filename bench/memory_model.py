@@ -8,9 +8,9 @@ element of the dtype; for a pass over C tokens E = B*C*d*b is one activation, F 
 intermediate, Q = B*C*H*D*b the queries):
 
 - weights: parameters x b, from the config (equal to model.weights_bytes(); a test checks it).
-- KV cache: slots x 2*B*Hkv*(seq_len + new_tokens)*D*b, slots = N (standard, MELT) or N*T
-  (LoopLM); preallocated for the whole run. A LoopLM with last-loop sharing keeps N slots after
-  the prefill.
+- KV cache: slots x 2*B*Hkv*(seq_len + new_tokens)*D*b, slots = N (standard, MELT) or N per
+  slot group of the LoopLM's cache policy (N*T for per-loop K/V); preallocated for the whole run.
+  A merging policy (last_loop, first_loop, mean_loops) keeps N slots after the prefill.
 - prefill transient: the prompt's int64 ids, and the largest set of activations alive at once
   during the pass over one chunk (all its loops; the whole prompt in a one-pass prefill):
   the MLP of a layer holds the layer's input, the residual after attention, the normed MLP
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from models import make_config
+from models.policies import POLICIES
 from models.layers import chunk_bounds
 
 
@@ -74,19 +75,30 @@ def num_parameters(c) -> int:
     layer = attention + 3 * d * f + 4 * d                     # q, k, v, o; SwiGLU; four norms
     table = c.vocab_size * d
     total = table * (1 if c.tie_word_embeddings else 2) + N * layer + d  # + final norm
-    if c.arch in ("ouro", "melt"):
+    if c.arch in ("ouro", "melt", "loopcoder"):
         total += d + 1                                        # early-exit gate Linear(d, 1)
+    if c.arch == "loopcoder":
+        total += N * (c.num_attention_heads * c.head_dim + c.num_attention_heads)   # window gates w, b
     if c.arch == "melt":
         total += N * {"gated": 2 * d * d + d, "scalar": 1}.get(c.cache_update, 0)
     return total
 
 
-def kv_slots(c) -> int:
-    return c.num_hidden_layers * (c.loops if c.arch == "ouro" else 1)
+def kv_slots(c, decode: bool = False) -> int:
+    """Slots of the cache as allocated (decode=True: after the prefill): N, or for the LoopLM N per
+    slot group its cache policy uses (models/policies.py)."""
+    if c.arch != "ouro":
+        return c.num_hidden_layers
+    policy = POLICIES[c.kv_sharing]
+    groups = policy.decode_groups if decode else policy.groups
+    return c.num_hidden_layers * groups(c.loops, c.kv_ring, c.kv_anchor)
 
 
-def kv_bytes(c, batch: int, length: int, dtype: torch.dtype) -> int:
-    return kv_slots(c) * 2 * batch * c.num_key_value_heads * length * c.head_dim * dtype.itemsize
+def kv_bytes(c, batch: int, length: int, dtype: torch.dtype, decode: bool = False) -> int:
+    rows = kv_slots(c, decode) * length
+    if c.arch == "loopcoder":  # N global slots and (T - 1) N rings of min(window, length) rows
+        rows = c.num_hidden_layers * (length + (c.loops - 1) * min(c.kv_window, length))
+    return rows * 2 * batch * c.num_key_value_heads * c.head_dim * dtype.itemsize
 
 
 def kv_bytes_per_token(c, dtype: torch.dtype) -> int:
@@ -125,6 +137,33 @@ def attention_bytes(c, batch: int, rows: int, end: int, masked: bool, dtype: tor
     return 2 * E + 2 * Q + folded + stacked * rows * end * b + (stacked * rows * end if stacked > 1 else 0) + lse
 
 
+def window_attention_bytes(c, batch: int, begin: int, end: int, dtype: torch.dtype) -> int:
+    """LoopCoder's later loops over tokens begin..end, at their local attention (the larger of
+    its two): the layer's input and normed copy, the queries, the global attention's output, the
+    loop's own K/V and, after the first chunk, their concatenation with the ring's last W - 1 rows
+    of earlier tokens, the positions of those keys and queries (int64), the band mask (bool, its
+    SDPA float copy, stacked per group with grouped-query attention), the output and log-sum-exp;
+    or, if larger, the moment the two attentions are mixed."""
+    b, C = dtype.itemsize, end - begin
+    groups = c.num_attention_heads // c.num_key_value_heads
+    earlier = min(c.kv_window - 1, begin)
+    keys = earlier + C
+    E = batch * C * c.hidden_size * b
+    Q = batch * C * c.num_attention_heads * c.head_dim * b
+    kv_row = batch * c.num_key_value_heads * c.head_dim * b
+    stacked = groups if C > 1 else 1
+    joined = 2 * keys * kv_row if earlier else 0            # the concatenated K and V
+    folded = Q if groups > 1 and C > 1 else 0
+    masks = C * keys + stacked * C * keys * b + (stacked * C * keys if stacked > 1 else 0)
+    positions = 8 * (keys + earlier + C)
+    lse = batch * C * c.num_attention_heads * 4
+    local = 2 * E + 3 * Q + folded + 2 * C * kv_row + joined + masks + positions + lse
+    # then the mix: the gate g [B, H, C, 1], the mixed heads, their [B, C, H * D] copy and o_proj's
+    # output, beside the queries and both attentions' outputs
+    mix = 3 * E + 5 * Q + 2 * C * kv_row + batch * c.num_attention_heads * C * b
+    return max(local, mix)
+
+
 def chunk_bytes(c, batch: int, begin: int, end: int, dtype: torch.dtype) -> int:
     """Peak activations of the pass over tokens begin..end of a prompt (all loops of one chunk,
     or the whole prompt in one pass): the larger of the MLP's set and the attention's (see
@@ -136,6 +175,9 @@ def chunk_bytes(c, batch: int, begin: int, end: int, dtype: torch.dtype) -> int:
     rope = 2 * C * c.head_dim * b
     mlp = 3 * E + 3 * batch * C * c.intermediate_size * b
     attention = attention_bytes(c, batch, C, end, begin > 0, dtype)
+    if c.arch == "loopcoder" and c.loops > 1:  # later loops: the global attention with the loop's own K/V, or the local
+        own = 2 * batch * C * c.num_key_value_heads * c.head_dim * b
+        attention = max(attention + own, window_attention_bytes(c, batch, begin, end, dtype))
     latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
     exits = (c.loops - 1) * batch * c.hidden_size * b if c.arch == "ouro" and c.exit_policy != "last" else 0
     return max(mlp, attention) + rope + mask + latents + exits
@@ -155,7 +197,20 @@ def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch
     positions = 2 * c.head_dim * b + max_len                 # RoPE tables [1, D] x 2, bool mask [1, max_len]
     latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
     exits = (c.loops - 1) * E if c.arch == "ouro" and c.exit_policy != "last" else 0
+    merge = POLICIES[c.kv_sharing].merge if c.arch == "ouro" else None
+    if merge in ("first", "mean"):
+        # the new token's K/V row per layer, kept across the loops (its first, or the running sum;
+        # the mean's sum is replaced row by row, so one layer briefly holds two)
+        rows = c.num_hidden_layers + (merge == "mean")
+        exits += rows * 2 * batch * c.num_key_value_heads * c.head_dim * b
     attention = attention_bytes(c, batch, 1, max_len, True, dtype)
+    if c.arch == "loopcoder" and c.loops > 1:
+        # later loops: the global attention beside the loop's own K/V row, or the ring's mask being
+        # made (the row index j and two [1, rows] int64 steps of p - (p - j) mod rows)
+        own = 2 * batch * c.num_key_value_heads * c.head_dim * b
+        Q = batch * c.num_attention_heads * c.head_dim * b
+        rows = min(c.kv_window, max_len)
+        attention = max(attention + own, 2 * E + 2 * Q + own + 3 * 8 * rows)
     return tokens + max(8 * max_len + max_len, positions + max(3 * E + 3 * F, attention) + latents + exits,
                         positions + E + logits + exits)
 
@@ -186,7 +241,7 @@ def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | to
     b = dtype.itemsize
     length = seq_len + (new_tokens if scenario != "prefill" else 0)
     kv = kv_bytes(c, batch, length, dtype)
-    kv_decode = kv // c.loops if (c.arch == "ouro" and c.kv_sharing == "last_loop") else kv
+    kv_decode = kv_bytes(c, batch, length, dtype, decode=True)
     logits = batch * c.vocab_size * b
     ids = batch * seq_len * 8                                 # the prompt's int64 token ids
     chunk_size = chunk_size or (c.chunk_size if c.arch == "melt" else seq_len)
