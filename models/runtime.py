@@ -174,3 +174,24 @@ def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int,
              chunk_size: int | None = None) -> torch.Tensor:
     """Greedy decoding with the model's eager decode step (Engine(model).generate)."""
     return Engine(model).generate(prompt, max_new_tokens, chunk_size)
+
+
+@torch.inference_mode()
+def score(model: LanguageModel, ids: torch.Tensor, prompt_len: int, chunk_size: int | None = None) -> torch.Tensor:
+    """Teacher-forced log-probabilities of ids[:, prompt_len:] through the model's own cached path:
+    the first prompt_len tokens prefilled (in chunks of chunk_size), every later token fed one at a
+    time through the decode step, so a cache policy's decode-time rules are what is scored.
+    ids [B, L] -> log p(ids[:, i] | ids[:, :i]) for i = prompt_len .. L-1, [B, L - prompt_len] (fp32)."""
+    batch, length = ids.shape
+    if not 1 <= prompt_len < length:
+        raise ValueError(f"prompt_len: got {prompt_len}; allowed: 1..{length - 1}")
+    cache = model.new_cache(batch, length)
+    logits = model.prefill(ids[:, :prompt_len], cache, chunk_size)                 # [B, 1, V]
+    scores = []
+    pos = torch.full((1,), prompt_len, dtype=torch.long, device=ids.device)
+    for i in range(prompt_len, length):
+        scores.append(torch.log_softmax(logits[:, -1].float(), -1).gather(1, ids[:, i:i + 1]))
+        if i + 1 < length:
+            logits = model.decode_step(ids[:, i:i + 1], cache, pos)
+            pos += 1
+    return torch.cat(scores, dim=1)

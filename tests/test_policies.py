@@ -348,3 +348,32 @@ def test_loopcoder_bytes_and_its_one_loop():
                               if not k.startswith(("model.window_gates", "model.early_exit_gate"))})
     ids = tokens(8, batch=2, length=14)
     torch.testing.assert_close(cached_logits(one, ids, 10, 4), cached_logits(standard, ids, 10, 4), rtol=0, atol=0)
+
+
+# -- scoring text through a policy's cached path, and the K/V drift between loops ----------------------
+
+def test_score_is_the_uncached_log_likelihood_for_exact_policies_and_differs_for_sharing():
+    from models.runtime import score
+
+    ids = tokens(9, batch=2, length=20)
+    per_loop = _ouro("per_loop")
+    with torch.inference_mode():
+        full = torch.log_softmax(per_loop(ids).float(), -1)[:, 11:-1].gather(2, ids[:, 12:, None]).squeeze(-1)
+    torch.testing.assert_close(score(per_loop, ids, 12, chunk_size=5), full, atol=1e-5, rtol=1e-5)
+    last = _ouro("last_loop")                       # the same weights: sharing changes decoded tokens only
+    shared = score(last, ids, 12, chunk_size=5)
+    assert torch.equal(shared[:, 0], score(per_loop, ids, 12, chunk_size=5)[:, 0])  # the prefill's prediction
+    assert not torch.allclose(shared[:, 1:], full[:, 1:])
+
+
+def test_kv_drift_measures_loops_against_the_last_and_the_first():
+    from bench.drift import kv_drift
+
+    table = kv_drift(_ouro("last_loop", loops=3), tokens(10, batch=2, length=16))
+    assert len(table) == 2 * 2 * 3   # layers x (keys, values) x loops
+    last, first = table[table.loop == 2], table[table.loop == 0]
+    assert (last.cos_vs_last.round(5) == 1).all() and (last.rel_vs_last == 0).all()
+    assert (first.cos_vs_first.round(5) == 1).all() and (first.rel_vs_first == 0).all()
+    assert (table[table.loop == 1].rel_vs_last > 0).all()
+    with pytest.raises(ValueError, match="^model: MeltLM"):
+        kv_drift(build_model("melt", "tiny"), tokens(10))
