@@ -14,8 +14,10 @@ RESULTS is a results folder (its result.json rows, or its table.parquet) or a ta
       melt_one_loop_is_standard: true     # MELT at loops 1 == standard + its gate weights (chunked prefill)
       ouro_kv_is_loops_x_standard: true   # LoopLM KV bytes == loops x the standard model's
       melt_kv_is_standard: true     # MELT KV bytes == the standard model's
+      policy_kv_is_formula: true    # every cache policy's KV == its formula x the standard model's
+      policy_flat_in_loops: 0.02    # a policy's peak flat across depths where its cache is
     ceilings:                       # one entry per point: its key, then byte limits
-    - {model: melt, size: small, loops: 4, seq_len: 256, batch: 1, scenario: generate,
+    - {policy: melt, size: small, loops: 4, seq_len: 256, batch: 1, scenario: generate,
        dtype: float32, probe: tracked, prefill: chunked, peak_bytes: 29807066,
        peak_decode_bytes: 27262156}
 
@@ -39,12 +41,18 @@ from .results import IDENTITY, RESULT_FILE, atomic_file, load_rows, with_legacy_
 
 DEFAULT_CEILINGS = Path(__file__).resolve().parent.parent / "conf" / "ceilings" / "ci.yaml"
 # What names a point in a ceilings file; rows that agree on these must agree on everything else.
-KEY = ["model", "size", "loops", "seq_len", "batch", "scenario", "dtype", "probe", "prefill"]
+# (policy: the cache design, models.policies.policy_name: the LoopLM's kv_sharing, else the model)
+KEY = ["policy", "size", "loops", "seq_len", "batch", "scenario", "dtype", "probe", "prefill"]
 LIMITED = ["peak_bytes", "peak_decode_bytes"]  # the columns a ceiling limits
 GUARDS = {"melt_flat_in_loops": "MELT peak flat in loops",
           "melt_one_loop_is_standard": "MELT at one loop = standard + its gates",
           "ouro_kv_is_loops_x_standard": "LoopLM KV = loops x standard",
-          "melt_kv_is_standard": "MELT KV = standard"}
+          "melt_kv_is_standard": "MELT KV = standard",
+          "policy_kv_is_formula": "cache policies' KV = their formula x standard",
+          "policy_flat_in_loops": "cache policies' peaks flat where their cache is"}
+
+
+TOLERANCES = ("melt_flat_in_loops", "policy_flat_in_loops")  # guards set by a tolerance, the others by true
 
 
 class CeilingError(ValueError):
@@ -117,15 +125,18 @@ def load_ceilings(path: Path | str) -> dict:
     for name, value in guards.items():
         if name not in GUARDS:
             raise CeilingError(f"{path}: guards: unknown guard {name!r}; allowed: {', '.join(GUARDS)}")
-        if name == "melt_flat_in_loops" and not (_number(value) and value >= 0):
-            raise CeilingError(f"{path}: guards: melt_flat_in_loops: got {value!r}; allowed: a "
+        if name in TOLERANCES and not (_number(value) and value >= 0):
+            raise CeilingError(f"{path}: guards: {name}: got {value!r}; allowed: a "
                                f"tolerance >= 0 (0.02 is 2 %)")
-        if name != "melt_flat_in_loops" and not isinstance(value, bool):
+        if name not in TOLERANCES and not isinstance(value, bool):
             raise CeilingError(f"{path}: guards: {name}: got {value!r}; allowed: true | false")
     for i, entry in enumerate(raw["ceilings"], 1):
         where = f"{path}: ceilings #{i}"
         if not isinstance(entry, dict):
             raise CeilingError(f"{where}: expected a mapping of {', '.join(KEY)} and byte limits")
+        if "model" in entry and "policy" not in entry:  # files written before `policy` named the design
+            model = entry.pop("model")
+            entry["policy"] = "per_loop" if model == "ouro" else model
         missing = [k for k in KEY if k not in entry]
         if missing:
             raise CeilingError(f"{where}: missing {', '.join(missing)}")
@@ -182,6 +193,8 @@ def check(df: pd.DataFrame, ceilings: dict) -> list[Finding]:
 
 NEEDS = {"melt_flat_in_loops": "a MELT setting measured at two depths above 1",
          "melt_one_loop_is_standard": "a MELT row at loops 1 and a standard row of the same setting, chunked prefill",
+         "policy_kv_is_formula": "a LoopLM or LoopCoder row and a standard row of the same setting",
+         "policy_flat_in_loops": "a LoopLM setting measured at two depths with the same cache size",
          "ouro_kv_is_loops_x_standard": "a LoopLM row and a standard row of the same setting",
          "melt_kv_is_standard": "a MELT row and a standard row of the same setting"}
 
@@ -198,8 +211,13 @@ def check_guards(df: pd.DataFrame, guards: dict) -> list[Finding]:
             found = _melt_flat(ok, float(setting))
         elif name == "melt_one_loop_is_standard":
             found = _melt_one_loop(ok)
-        elif name == "ouro_kv_is_loops_x_standard":
-            found = _kv_vs_standard(ok, "ouro", lambda loops: loops, name)
+        elif name == "policy_kv_is_formula":
+            found = _policy_kv(ok)
+        elif name == "policy_flat_in_loops":
+            found = _policy_flat(ok, float(setting))
+        elif name == "ouro_kv_is_loops_x_standard":  # the per-loop LoopLM (Ouro's own cache)
+            per_loop = ok[(ok.model != "ouro") | ok.kv_sharing.isna() | (ok.kv_sharing == "per_loop")]
+            found = _kv_vs_standard(per_loop, "ouro", lambda loops: loops, name)
         else:
             found = _kv_vs_standard(ok, "melt", lambda loops: 1, name)
         findings += found or [Finding(name, "-", False, f"nothing to compare: the results need {NEEDS[name]} "
@@ -261,6 +279,62 @@ def _melt_one_loop(ok: pd.DataFrame) -> list[Finding]:
             findings.append(Finding("melt_one_loop_is_standard", _name(r), extra == gates,
                                     f"{column} {int(r[column]):,} B - standard {int(s[column]):,} B = "
                                     f"{extra:,} B; MELT's extra weights {gates:,} B"))
+    return findings
+
+
+def _policy_kv(ok: pd.DataFrame) -> list[Finding]:
+    """Per LoopLM (any cache policy) or LoopCoder row with a standard row of the same setting: its
+    cache as allocated, and after the prefill, is the policy's formula times the standard model's
+    (cache-policies.md): groups x standard for the LoopLM, standard plus (T - 1) windows of
+    min(W, L) rows for LoopCoder."""
+    from models.policies import POLICIES
+
+    standard = {tuple(_norm(r[c]) for c in SAME_SETTING): r for r in ok[ok.model == "standard"].to_dict("records")}
+    findings = []
+    for r in ok[ok.model.isin(["ouro", "loopcoder"])].to_dict("records"):
+        s = standard.get(tuple(_norm(r[c]) for c in SAME_SETTING))
+        if s is None or pd.isna(r["kv_bytes_measured"]) or pd.isna(s["kv_bytes_measured"]):
+            continue
+        base, loops = int(s["kv_bytes_measured"]), int(r["loops"])
+        if r["model"] == "ouro":
+            policy = POLICIES[_norm(r["kv_sharing"]) or "per_loop"]
+            sizes = (loops, int(_norm(r["kv_ring"]) or 1), int(_norm(r["kv_anchor"]) or 1))
+            want, want_decode = base * policy.groups(*sizes), base * policy.decode_groups(*sizes)
+            how = f"{policy.groups(*sizes)} / {policy.decode_groups(*sizes)} x standard"
+        else:
+            length = int(r["seq_len"]) + int(r["new_tokens"])
+            want = want_decode = base + (loops - 1) * base * min(int(r["kv_window"]), length) // length
+            how = f"standard + {loops - 1} windows of {min(int(r['kv_window']), length)} rows"
+        got, got_decode = int(r["kv_bytes_measured"]), r.get("kv_decode_bytes_analytic")
+        ok_decode = got_decode is None or pd.isna(got_decode) or int(got_decode) == want_decode
+        findings.append(Finding("policy_kv_is_formula", _name(r),
+                                got == want and ok_decode,
+                                f"KV {got:,} B (after the prefill {_norm(got_decode)}), want {want:,} / {want_decode:,} B = {how}"))
+    return findings
+
+
+def _policy_flat(ok: pd.DataFrame, tolerance: float) -> list[Finding]:
+    """Per LoopLM setting (policy and sizes): at every depth whose cache is the size it is at the
+    smallest such depth, the peak stays within tolerance of that depth's: peak_bytes where the
+    allocated cache is equal, peak_decode_bytes where the cache after the prefill is."""
+    looped = ok[ok.model == "ouro"]
+    others = [c for c in IDENTITY if c != "loops"]
+    findings = []
+    for _, group in looped.groupby(others, dropna=False):
+        for column, sizes in (("peak_bytes", ["kv_bytes_analytic", "kv_decode_bytes_analytic"]),
+                              ("peak_decode_bytes", ["kv_decode_bytes_analytic"])):
+            for _, same in group.groupby(sizes):   # rows without the sizes (older tables) are not compared
+                if len(same) < 2:
+                    continue
+                base = same.loc[same.loops.idxmin()]
+                for r in same[same.loops > base.loops].to_dict("records"):
+                    if pd.isna(r[column]) or pd.isna(base[column]):
+                        continue
+                    ratio = r[column] / base[column]
+                    findings.append(Finding(
+                        "policy_flat_in_loops", _name(r), ratio <= 1 + tolerance,
+                        f"{column} {int(r[column]):,} B = {ratio:.4f} x loops={int(base.loops)} "
+                        f"({int(base[column]):,} B), same cache; allowed <= {1 + tolerance:g}"))
     return findings
 
 
@@ -357,7 +431,8 @@ def main(argv=None) -> int:
             guards = (old or {}).get("guards")
             if guards is None:  # a new file: every guard these results can exercise
                 every = {"melt_flat_in_loops": 0.02, "melt_one_loop_is_standard": True,
-                         "ouro_kv_is_loops_x_standard": True, "melt_kv_is_standard": True}
+                         "ouro_kv_is_loops_x_standard": True, "melt_kv_is_standard": True,
+                         "policy_kv_is_formula": True, "policy_flat_in_loops": 0.02}
                 guards = {name: value for name, value in every.items()
                           if not any(f.point == "-" for f in check_guards(df, {name: value}))}
             new = updated(df, headroom, guards)

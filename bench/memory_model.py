@@ -200,8 +200,9 @@ def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch
     merge = POLICIES[c.kv_sharing].merge if c.arch == "ouro" else None
     if merge in ("first", "mean"):
         # the new token's K/V row per layer, kept across the loops (its first, or the running sum;
-        # the mean's sum is replaced row by row, so one layer briefly holds two)
-        rows = c.num_hidden_layers + (merge == "mean")
+        # the mean's sum is replaced row by row, so one layer briefly holds two). With one loop,
+        # the last layer's row is taken after its MLP, the step's peak.
+        rows = c.num_hidden_layers + (merge == "mean") if c.loops > 1 else c.num_hidden_layers - 1
         exits += rows * 2 * batch * c.num_key_value_heads * c.head_dim * b
     attention = attention_bytes(c, batch, 1, max_len, True, dtype)
     if c.arch == "loopcoder" and c.loops > 1:

@@ -25,7 +25,9 @@ IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenari
 # status: the memory pass (ok | oom | error); timing_status: the timing pass after it (empty when
 # the point is not timed). A failed timing pass keeps the memory columns.
 STATUS = ["status", "error", "timing_status", "timing_error"]
-MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_bytes_measured",
+# The cache design the row measures (models.policies.policy_name: derived from model and kv_sharing).
+DESIGN = ["policy"]
+MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_decode_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
           "reserved_bytes", "nvml_used_bytes", "nvml_scope", "non_torch_bytes"]
 # bench.memory_model's analytic prediction for the point (empty for a model it does not cover).
@@ -42,7 +44,7 @@ CAPACITY = ["budget_bytes", "capacity_max_batch", "capacity_first_oom"]
 ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
 ENV += ["copy_bytes_per_s", "matmul_flops_per_s",  # measured once per run (bench/env.py)
         "device_bandwidth_bytes_per_s"]              # the GPU's theoretical bandwidth (NVML)
-COLUMNS = IDENTITY + STATUS + MEMORY + PREDICTED + SPEED + CAPACITY + ENV
+COLUMNS = IDENTITY + DESIGN + STATUS + MEMORY + PREDICTED + SPEED + CAPACITY + ENV
 
 
 def identity(point: BenchConfig) -> dict:
@@ -86,10 +88,20 @@ LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_b
 
 
 def with_legacy_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with the LEGACY identity columns it lacks, filled with what its rows meant."""
+    """`df` with the LEGACY identity columns it lacks, filled with what its rows meant, and the
+    derived `policy` column."""
+    from models.policies import policy_name
+
     for column, value in LEGACY.items():
         if column not in df.columns:
             df[column] = value
+    if "policy" not in df.columns:
+        df["policy"] = None
+    missing = df["policy"].isna()
+    if missing.any():
+        sharing = df["kv_sharing"] if "kv_sharing" in df.columns else pd.Series([None] * len(df), index=df.index)
+        df.loc[missing, "policy"] = [policy_name(m, None if pd.isna(k) else k)
+                                     for m, k in zip(df.loc[missing, "model"], sharing[missing])]
     return df
 
 
@@ -102,6 +114,7 @@ def load_rows(folder: Path | str) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df
+    df = with_legacy_columns(df)
     df = df.sort_values("timestamp").drop_duplicates(IDENTITY, keep="last")
     return df.sort_values(["model", "seq_len", "loops", "batch", "scenario"]).reset_index(drop=True)
 

@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from models import MODEL_NAMES
+from models.policies import policy_name
 from models.runtime import Engine, StepTimer
 
 from . import env
@@ -68,7 +69,8 @@ def measure(point: BenchConfig, timed: bool = True) -> dict:
     keeps the memory pass's columns and says why in timing_status / timing_error. timed=False:
     memory only (the capacity search's trials)."""
     start = time.perf_counter()
-    row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(point.device), "status": "ok"}
+    row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(point.device), "status": "ok",
+           "policy": policy_name(point.model, point.kv_sharing)}
     if point.model in MODEL_NAMES:  # what the point should take, even when it runs out of memory
         row.update(predict_point(point).columns(point.scenario))
     try:
@@ -182,6 +184,7 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
         "weights_bytes": model.weights_bytes(),
         "baseline_bytes": baseline,
         "kv_bytes_analytic": model.kv_cache_bytes(p.batch, max_len),
+        "kv_decode_bytes_analytic": model.kv_decode_bytes(p.batch, max_len),
         "kv_bytes_measured": kv_measured,
         "kv_bytes_per_token": model.kv_bytes_per_token(),
         "peak_prefill_bytes": pre.peak_bytes,

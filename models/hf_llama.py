@@ -67,6 +67,9 @@ class HFLlamaLM(nn.Module):
     def kv_bytes_per_token(self) -> int:
         return self.kv_cache_bytes(1, 1)
 
+    def kv_decode_bytes(self, batch_size: int, max_len: int) -> int:
+        return self.kv_cache_bytes(batch_size, max_len)
+
     def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] (or [B, 1, V]), uncached."""
         return self.hf(input_ids, use_cache=False, logits_to_keep=1 if last_only else 0).logits

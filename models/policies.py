@@ -55,3 +55,9 @@ POLICIES: dict[str, KVPolicy] = {p.name: p for p in (
              source="Mixture-of-Recursions, recursive KV sharing"),
 )}
 KV_SHARINGS = tuple(POLICIES)
+
+
+def policy_name(model: str, kv_sharing: str | None = None) -> str:
+    """One name per cache design everywhere (the conf/policy/ option, the table's `policy`
+    column, the plots): the LoopLM's policy, or the model's own name (standard, melt, loopcoder)."""
+    return kv_sharing if model == "ouro" and kv_sharing else model

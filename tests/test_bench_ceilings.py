@@ -55,7 +55,7 @@ def test_update_then_check_passes_and_limits_are_measured_plus_headroom(tmp_path
     path = _update(tmp_path, folder)
     ceilings = load_ceilings(path)
     assert ceilings["headroom"] == 0.05 and len(ceilings["ceilings"]) == len(_rows())
-    melt = next(e for e in ceilings["ceilings"] if e["model"] == "melt" and e["seq_len"] == 1024
+    melt = next(e for e in ceilings["ceilings"] if e["policy"] == "melt" and e["seq_len"] == 1024
                 and e["loops"] == 4)
     assert melt["peak_bytes"] == -(-(40_000_000 + 1024) * 105 // 100)  # ceil(measured x 1.05)
     assert main(["check", str(folder), "--ceilings", str(path)]) == 0
@@ -72,13 +72,13 @@ def test_a_regression_is_reported_with_point_bytes_ceiling_and_excess(tmp_path, 
     findings = check(load_results(_folder(tmp_path / "after", rows)), load_ceilings(path))
     failed = [f for f in findings if not f.ok]
     assert [(f.check, f.point) for f in failed] == [
-        ("ceiling", "model=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate dtype=float32 "
+        ("ceiling", "policy=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate dtype=float32 "
                     "probe=tracked prefill=chunked"),
-        ("melt_flat_in_loops", "model=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate "
+        ("melt_flat_in_loops", "policy=melt size=small loops=4 seq_len=1024 batch=1 scenario=generate "
                                "dtype=float32 probe=tracked prefill=chunked")]
     assert "44,001,126 B, ceiling 40,001,024 B (+10.00 %)" in failed[0].detail
     assert main(["check", str(tmp_path / "after" / "sweep"), "--ceilings", str(path)]) == 1
-    assert "FAIL model=melt" in capsys.readouterr().out
+    assert "FAIL policy=melt" in capsys.readouterr().out
 
 
 def test_kv_guards_catch_a_cache_that_grows_with_loops(tmp_path):
@@ -115,12 +115,12 @@ def test_update_refuses_results_that_break_a_guard(tmp_path):
     ("ceilings: []\nlimits: 1\n", "unknown key 'limits'"),
     ("ceilings: []\nguards: {melt_flat: 0.02}\n", "unknown guard 'melt_flat'"),
     ("ceilings: []\nguards: {melt_flat_in_loops: -1}\n", "melt_flat_in_loops: got -1"),
-    ("ceilings:\n- {model: melt}\n", "ceilings #1: missing size, loops"),
-    ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
+    ("ceilings:\n- {policy: melt}\n", "ceilings #1: missing size, loops"),
+    ("ceilings:\n- {policy: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
      " dtype: float32, probe: tracked, prefill: chunked}\n", "no limit"),
-    ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
+    ("ceilings:\n- {policy: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
      " dtype: float32, probe: tracked, prefill: chunked, peak_bytes: 1.5}\n", "peak_bytes: got 1.5"),
-    ("ceilings:\n- {model: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
+    ("ceilings:\n- {policy: melt, size: small, loops: 1, seq_len: 1, batch: 1, scenario: generate,"
      " dtype: float32, probe: tracked, prefill: chunked, peak_mib: 3}\n", "unknown key 'peak_mib'"),
     ("ceilings: [\n", "bad YAML"),
 ])
@@ -153,10 +153,15 @@ def test_command_line_exit_codes(tmp_path):
 
 
 def test_committed_ceilings_files_load():
-    for path in sorted((ROOT / "conf" / "ceilings").glob("*.yaml")):
+    """Each committed file holds ceilings and the guards its sweep can exercise."""
+    core = {"melt_flat_in_loops", "melt_one_loop_is_standard", "ouro_kv_is_loops_x_standard", "melt_kv_is_standard",
+            "policy_kv_is_formula"}
+    want = {"ci.yaml": core, "cpu_small.yaml": core, "ci_policies.yaml": core | {"policy_flat_in_loops"}}
+    paths = sorted((ROOT / "conf" / "ceilings").glob("*.yaml"))
+    assert {p.name for p in paths} == set(want)
+    for path in paths:
         ceilings = load_ceilings(path)
-        assert ceilings["ceilings"] and set(ceilings["guards"]) == {
-            "melt_flat_in_loops", "ouro_kv_is_loops_x_standard", "melt_kv_is_standard"}
+        assert ceilings["ceilings"] and set(ceilings["guards"]) == want[path.name], path.name
         assert yaml.safe_load(path.read_text())["headroom"] > 0
 
 

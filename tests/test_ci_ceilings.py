@@ -14,7 +14,7 @@ from bench.runner import measure
 from models import MeltLM
 
 ROOT = Path(__file__).resolve().parent.parent
-POINT = ("model=melt size=small loops=16 seq_len=256 batch=1 scenario=generate dtype=float32 probe=tracked "
+POINT = ("policy=melt size=small loops=16 seq_len=256 batch=1 scenario=generate dtype=float32 probe=tracked "
          "prefill=chunked")
 
 
@@ -40,7 +40,8 @@ def test_ci_sweep_is_within_its_ceilings_and_guards(ci_results, capsys):
     # Every guard compared something: MELT at 16 loops vs 4, MELT at one loop vs the standard
     # model, and both looped models' caches vs the standard model's.
     assert {f.check for f in findings} == {"ceiling", "melt_flat_in_loops", "melt_one_loop_is_standard",
-                                          "ouro_kv_is_loops_x_standard", "melt_kv_is_standard"}
+                                          "ouro_kv_is_loops_x_standard", "melt_kv_is_standard",
+                                          "policy_kv_is_formula"}
     assert any(f.check == "melt_flat_in_loops" and "loops=16" in f.point for f in findings)
     assert sum(f.check == "melt_one_loop_is_standard" for f in findings) == 2 * 4  # 2 lengths x 2 probes x 2 peaks
 
@@ -101,3 +102,58 @@ def test_ceilings_command_passes_on_the_ci_sweep(ci_results, tmp_path, capsys):
     ci_results.to_parquet(table)
     assert main(["check", str(table)]) == 0
     assert "0 FAIL" in capsys.readouterr().out
+
+
+# -- the cache policies' gate: experiment=ci_policies against conf/ceilings/ci_policies.yaml ----------
+
+POLICIES_CEILINGS = ROOT / "conf" / "ceilings" / "ci_policies.yaml"
+
+
+@pytest.fixture(scope="module")
+def ci_policies(tmp_path_factory):
+    """Every cache design at loops 1 to 3, size tiny (about half a minute on 2 cores)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("ci_policies") / "results"
+    done = subprocess.run([sys.executable, str(ROOT / "run_bench.py"), "-m", "experiment=ci_policies",
+                           f"hydra.sweep.dir={folder}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load_results(folder)
+
+
+def test_policies_sweep_is_within_its_ceilings_and_guards(ci_policies):
+    assert (ci_policies.status == "ok").all() and len(ci_policies) == 28
+    findings = check(ci_policies, load_ceilings(POLICIES_CEILINGS))
+    failed = [f"{f.check} {f.point}: {f.detail}" for f in findings if not f.ok]
+    assert not failed, "\n".join(failed)
+    kv = [f for f in findings if f.check == "policy_kv_is_formula"]
+    assert {f.point.split()[0] for f in kv} == {f"policy={p}" for p in (
+        "per_loop", "last_loop", "first_loop", "mean_loops", "ring", "anchor", "first_writes", "loopcoder")}
+    flat = {f.point.split()[0] for f in findings if f.check == "policy_flat_in_loops"}
+    assert {"policy=first_writes", "policy=ring", "policy=last_loop", "policy=mean_loops"} <= flat
+    # and the memory model predicts every design's point
+    for measured, predicted in [("peak_prefill_bytes", "predicted_prefill_bytes"),
+                                ("peak_decode_bytes", "predicted_decode_bytes"), ("kv_bytes_measured", "predicted_kv_bytes")]:
+        exact = ci_policies[ci_policies.policy != "loopcoder"]
+        assert (exact[predicted] == exact[measured]).all(), measured
+        error = (ci_policies[predicted] / ci_policies[measured] - 1).abs()
+        assert error.max() <= 0.001, measured
+
+
+def test_a_policy_that_keeps_too_much_is_caught_at_its_point(ci_policies, monkeypatch):
+    """A ring that allocates one slot group per loop instead of K (the per-loop layout)."""
+    from models import OuroLM
+
+    monkeypatch.setattr(OuroLM, "_groups", lambda self: self.config.loops)
+    row = measure(resolve(BenchConfig(size="tiny", model="ouro", kv_sharing="ring", kv_ring=2, loops=3, seq_len=96,
+                                      chunk_size=64, new_tokens=2, batch=1, scenario="generate", dtype="float32",
+                                      device="cpu", probe="tracked", repeats=0, warmup=0)))
+    regressed = ci_policies.copy()
+    where = (regressed.policy == "ring") & (regressed.loops == 3)
+    for column, value in row.items():
+        if column in regressed.columns:
+            regressed.loc[where, column] = value
+    failed = [f for f in check(regressed, load_ceilings(POLICIES_CEILINGS)) if not f.ok]
+    assert {f.point.split()[0] + " " + f.point.split()[2] for f in failed} == {"policy=ring loops=3"}
+    assert {f.check for f in failed} >= {"ceiling", "policy_kv_is_formula", "policy_flat_in_loops"}
