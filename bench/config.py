@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 # to the model that has it; the others leave its column empty.
 from models import ALL_MODEL_NAMES, MODEL_OPTIONS, PEER_NAMES, SIZES, make_config
 
-SCENARIOS = ("prefill", "decode", "generate")
+SCENARIOS = ("prefill", "decode", "generate", "score")
 PREFILLS = ("chunked", "one_pass")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # Launchers whose points run on other machines (Slurm nodes with the GPU they ask for): `auto`
@@ -48,7 +48,7 @@ class BenchConfig:
     loops: Optional[int] = None  # None: the model's own (4 for the size presets; a checkpoint's total_ut_steps)
     seq_len: int = 1024  # prompt tokens (the cache holds this many before decoding)
     batch: int = 1
-    scenario: str = "generate"  # prefill | decode | generate
+    scenario: str = "generate"  # prefill | decode | generate | score (a text's likelihood: `text`)
     new_tokens: int = 32  # decode steps (decode and generate)
     # How and where
     probe: str = "auto"  # auto (cuda on a GPU, else tracked) | cuda | tracked | fake (estimate)
@@ -83,6 +83,10 @@ class BenchConfig:
     # it; `model`, `loops`, `dtype` and model options set here apply on top. `size` then only
     # labels the row.
     checkpoint: Optional[str] = None
+    # scenario=score: a UTF-8 text file, tokenized with the checkpoint's tokenizer; its first
+    # seq_len tokens are prefilled, the next new_tokens scored one at a time through the decode
+    # step (teacher forcing), so a cache policy's decode-time rules are what is scored.
+    text: Optional[str] = None
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
     # Decode with the step compiled whole by torch.compile (CUDA graphs on a GPU). None: auto, on
@@ -170,7 +174,7 @@ def resolve(cfg: DictConfig | BenchConfig, launcher: str | None = None) -> Bench
         raise _bad("dtype", f"bfloat16 is not supported by {torch.cuda.get_device_name()}",
                    "auto | float32")
     probe = c.probe if c.probe != "auto" else ("cuda" if device == "cuda" else "tracked")
-    if c.scenario != "prefill" and c.repeats > 0 and probe != "fake" and c.new_tokens < 2:
+    if c.scenario in ("decode", "generate") and c.repeats > 0 and probe != "fake" and c.new_tokens < 2:
         raise _bad("new_tokens", f"{c.new_tokens} leaves no decode step to time (each step is timed "
                    "from the end of the one before, so the first is not)", "an integer >= 2, or repeats=0")
 
@@ -211,6 +215,10 @@ def _check_speed_settings(c: BenchConfig) -> None:
     if c.model in PEER_NAMES and c.checkpoint is not None:
         raise _bad("checkpoint", f"{c.model} is built with random weights from the size preset",
                    "unset (checkpoints are for standard | ouro | melt)")
+    if c.scenario == "score":
+        _check_score_settings(c)
+    elif c.text is not None:
+        raise _bad("text", "set without scenario=score", "unset, or scenario=score (experiment=policy_quality)")
     if c.budget_gb is not None and c.budget_gb <= 0:
         raise _bad("budget_gb", f"got {c.budget_gb}", "a positive number of GB (1e9 bytes)")
     if c.budget_gb is not None and not c.capacity:
@@ -219,6 +227,27 @@ def _check_speed_settings(c: BenchConfig) -> None:
         raise _bad("scenario", "prefill has no decode throughput to report at capacity", "decode | generate")
     if c.capacity and c.mem_limit_mib is not None:
         raise _bad("mem_limit_mib", "the capacity search sets the limit itself", "unset; use budget_gb")
+
+
+def _check_score_settings(c: BenchConfig) -> None:
+    """scenario=score: a text and a checkpoint (whose tokenizer reads it), one sequence, real tensors."""
+    from pathlib import Path
+
+    if c.text is None:
+        raise _bad("text", "scenario=score needs a text to score", "a UTF-8 text file, e.g. text=docs/models.md")
+    if not Path(c.text).is_file():
+        raise _bad("text", f"{c.text}: no such file", "a UTF-8 text file")
+    if c.checkpoint is None:
+        raise _bad("checkpoint", "scenario=score needs a checkpoint (its tokenizer reads the text)",
+                   "a checkpoint folder with a tokenizer, or a Hugging Face hub id")
+    if c.model in PEER_NAMES:
+        raise _bad("model", f"{c.model} has no decode step to score through", "standard | ouro | melt | loopcoder")
+    if c.probe == "fake":
+        raise _bad("probe", "fake tensors hold no values to score", "auto | tracked | cuda")
+    if c.batch != 1:
+        raise _bad("batch", f"{c.batch}: a text is one sequence", "1")
+    if c.capacity:
+        raise _bad("capacity", "a capacity search times decoding, not scoring", "false")
 
 
 def model_config(c: BenchConfig):

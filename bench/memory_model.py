@@ -183,7 +183,8 @@ def chunk_bytes(c, batch: int, begin: int, end: int, dtype: torch.dtype) -> int:
     return max(mlp, attention) + rope + mask + latents + exits
 
 
-def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch.dtype) -> int:
+def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch.dtype,
+                      scored: bool = False) -> int:
     """Peak of a decode step over a cache of max_len rows (models.layers.Positions.at), beside the
     prompt's ids and the prefill's logits that the caller holds: the tokens chosen so far and the
     position, and the largest of three moments: making the [1, max_len] mask (an int64 range, then
@@ -194,6 +195,8 @@ def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch
     E, F = batch * c.hidden_size * b, batch * c.intermediate_size * b
     logits = batch * c.vocab_size * b
     tokens = new_tokens * batch * 8 + 8                     # the chosen tokens [B, 1] int64, and pos [1]
+    if scored:  # teacher forcing: the scores so far [B, 1] fp32, and the step before's logits
+        tokens = (new_tokens - 1) * batch * 4 + 8 + (logits if new_tokens > 2 else 0)
     positions = 2 * c.head_dim * b + max_len                 # RoPE tables [1, D] x 2, bool mask [1, max_len]
     latents = c.num_hidden_layers * E if c.arch == "melt" and c.loops > 1 else 0
     exits = (c.loops - 1) * E if c.arch == "ouro" and c.exit_policy != "last" else 0
@@ -244,8 +247,8 @@ def predict_config(c, seq_len: int, batch: int, new_tokens: int, dtype: str | to
     kv = kv_bytes(c, batch, length, dtype)
     kv_decode = kv_bytes(c, batch, length, dtype, decode=True)
     logits = batch * c.vocab_size * b
-    ids = batch * seq_len * 8                                 # the prompt's int64 token ids
+    ids = batch * (length if scenario == "score" else seq_len) * 8   # the int64 token ids (a scored text's all)
     chunk_size = chunk_size or (c.chunk_size if c.arch == "melt" else seq_len)
     prefill = ids + max(chunk_bytes(c, batch, begin, end, dtype) for begin, end in chunk_bounds(seq_len, chunk_size))
-    decode = ids + logits + decode_step_bytes(c, batch, length, new_tokens, dtype)
+    decode = ids + logits + decode_step_bytes(c, batch, length, new_tokens, dtype, scored=scenario == "score")
     return Prediction(num_parameters(c) * b, kv, kv_decode, prefill, decode)

@@ -20,15 +20,38 @@ import pandas as pd  # noqa: E402
 
 from .paper import markdown as paper_markdown  # noqa: E402
 from .paper import table2  # noqa: E402
-from .results import IDENTITY, RESULT_FILE, TABLE_FILE, atomic_file, load_rows  # noqa: E402
+from .results import IDENTITY, RESULT_FILE, TABLE_FILE, atomic_file, load_rows, with_legacy_columns  # noqa: E402
 
 MIB = 2**20
-MODEL_LABELS = {"standard": "standard", "ouro": "LoopLM (Ouro)", "melt": "MELT",
-                "hf_llama": "HF Llama (peer)"}
-COLORS = {"standard": "tab:gray", "ouro": "tab:red", "melt": "tab:blue", "hf_llama": "tab:olive"}
+# Labels and colours per cache design (the `policy` column: the LoopLM's kv_sharing, else the model).
+LABELS = {"standard": "standard", "per_loop": "LoopLM (Ouro)", "last_loop": "LoopLM last_loop",
+          "first_loop": "LoopLM first_loop", "mean_loops": "LoopLM mean_loops", "ring": "LoopLM ring",
+          "anchor": "LoopLM anchor", "first_writes": "LoopLM first_writes", "melt": "MELT",
+          "loopcoder": "LoopCoder", "hf_llama": "HF Llama (peer)"}
+COLORS = {"standard": "tab:gray", "per_loop": "tab:red", "last_loop": "tab:orange", "first_loop": "tab:brown",
+          "mean_loops": "tab:pink", "ring": "tab:purple", "anchor": "tab:cyan", "first_writes": "tab:green",
+          "melt": "tab:blue", "loopcoder": "tab:olive", "hf_llama": "black"}
+SIZES = {"ring": ("kv_ring",), "anchor": ("kv_anchor", "kv_ring"), "loopcoder": ("kv_window",)}  # shown in labels
+SIZE_NAMES = {"kv_ring": "K", "kv_anchor": "A", "kv_window": "W"}
+
+
+def design_label(row) -> str:
+    """'LoopLM ring (K=2)', 'LoopCoder (W=64)', 'MELT', ...: a row's cache design and its sizes."""
+    policy = row["policy"]
+    sizes = [f"{SIZE_NAMES[k]}={int(row[k])}" for k in SIZES.get(policy, ()) if pd.notna(row.get(k))]
+    return LABELS.get(policy, policy) + (f" ({', '.join(sizes)})" if sizes else "")
 ONE_PASS = ("standard", "hf_llama")  # models that run once whatever `loops` says: references
 PLOTS = ("memory_vs_depth.png", "memory_vs_seq_len.png", "throughput.png")
 CAPACITY_PLOT = "capacity.png"  # only when the folder holds a capacity search
+POLICIES_PLOT = "policies_memory_vs_depth.png"  # only when the folder compares cache designs
+QUALITY_PLOT = "policy_quality.png"  # only when the folder holds scored texts (scenario=score)
+# The designs' families, one panel each in the policies plot (per_loop and standard in every one).
+FAMILIES = {"Ouro: per-loop cache and decode-time sharing": ("per_loop", "last_loop", "first_loop", "mean_loops"),
+            "Huginn: compressed caches": ("ring", "anchor"),
+            "one shared loop-0 cache": ("first_writes", "loopcoder"),
+            "MELT: one gated slot per layer": ("melt",)}
+SOURCES = {"standard": "the layers once", "melt": "MELT (arXiv 2605.07721)",
+           "loopcoder": "IQuest-Coder Loop / PLT (arXiv 2510.24824)", "hf_llama": "transformers' Llama"}
 
 
 def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
@@ -48,6 +71,12 @@ def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
     plot_memory_vs_seq_len(view, out / PLOTS[1])
     plot_throughput(view, out / PLOTS[2])
     text = markdown(df, view, title=Path(src).resolve().name)
+    if df.nll.notna().any():  # texts scored through each design's cache path
+        plot_quality(df, out / QUALITY_PLOT)
+        text += quality_markdown(df, Path(src))
+    if len(policies_of(view)) >= 3:  # a comparison of cache designs: their table and plot
+        plot_policies(view, out / POLICIES_PLOT)
+        text += policies_markdown(view)
     text += speed_markdown(df)  # limits, the peer, capacity
     if len(capacity_table(df)):
         plot_capacity(capacity_table(df), out / CAPACITY_PLOT)
@@ -81,18 +110,20 @@ def plot_view(df: pd.DataFrame, prefill: str | None = None) -> pd.DataFrame:
     smallest batch, and a `series` label per model variant."""
     if df.empty:
         return df.assign(series=pd.Series(dtype=str))
+    df = with_legacy_columns(df.copy())
     prefill = prefill or schedules(df)[0]
     if prefill is not None:
         df = df[df.prefill == prefill]
-    scenario = next(s for s in ("generate", "decode", "prefill") if (df.scenario == s).any())
+    scenario = next(s for s in ("generate", "decode", "prefill", "score") if (df.scenario == s).any())
     view = df[(df.scenario == scenario) & (df.batch == df.batch.min())].copy()
-    # Settings that vary within a model (cache_update, size, dtype...) split it into several lines.
-    settings = [k for k in IDENTITY if k not in ("model", "loops", "seq_len", "batch", "scenario", "prefill")]
-    varying = {model: [k for k in settings if rows[k].nunique(dropna=False) > 1]
-               for model, rows in view.groupby("model")}
+    # Settings that vary within a design (cache_update, size, dtype...) split it into several lines.
+    shown = ("model", "loops", "seq_len", "batch", "scenario", "prefill", "kv_sharing", "kv_ring", "kv_anchor",
+             "kv_window")
+    settings = [k for k in IDENTITY if k not in shown]
+    varying = {policy: [k for k in settings if rows[k].nunique(dropna=False) > 1]
+               for policy, rows in view.groupby("policy")}
     view["series"] = view.apply(
-        lambda r: " ".join([MODEL_LABELS.get(r.model, r.model)]
-                           + [f"{k}={r[k]}" for k in varying[r.model]]), axis=1)
+        lambda r: " ".join([design_label(r)] + [f"{k}={r[k]}" for k in varying[r.policy]]), axis=1)
     return view
 
 
@@ -159,7 +190,7 @@ def plot_memory_vs_depth(view: pd.DataFrame, path: Path) -> None:
         for series, s in rows.groupby("series", sort=False):
             s = s.sort_values("loops")
             ok = s[s.status == "ok"]
-            color = COLORS.get(s.model.iloc[0])
+            color = COLORS.get(s.policy.iloc[0])
             if s.model.iloc[0] in ONE_PASS and len(ok):
                 ax.axhline(ok.peak_bytes.iloc[0] / MIB, color=color, ls=":", label=f"{series} peak")
                 ax.axhline(ok.kv_bytes_analytic.iloc[0] / MIB, color=color, ls="--", lw=1,
@@ -197,7 +228,7 @@ def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabe
         for series, s in rows.groupby("series", sort=False):
             s = s.sort_values("seq_len")
             ok = s[(s.status == "ok") & s[column].notna()]
-            color = COLORS.get(s.model.iloc[0])
+            color = COLORS.get(s.policy.iloc[0])
             style = ":" if s.model.iloc[0] in ONE_PASS else "-"
             if f"{column}_min" in ok and ok[f"{column}_min"].notna().any():  # the spread over repeats
                 low = (ok[column] - ok[f"{column}_min"]).clip(lower=0) / unit
@@ -219,13 +250,14 @@ def _per_seq_len(view: pd.DataFrame, path: Path, column: str, unit: float, ylabe
 # -- the report -------------------------------------------------------------------------------
 
 def ratio_table(view: pd.DataFrame, column: str = "peak_bytes") -> pd.DataFrame:
-    """MELT / LoopLM of `column` per sequence length (rows) and loops (columns)."""
+    """MELT / LoopLM (its own per-loop cache) of `column` per sequence length (rows) and loops
+    (columns)."""
     ok = view[view.status == "ok"]
-    pivot = ok.pivot_table(index=["seq_len", "loops"], columns="model", values=column,
+    pivot = ok.pivot_table(index=["seq_len", "loops"], columns="policy", values=column,
                            aggfunc="first")
-    if not {"melt", "ouro"} <= set(pivot.columns):
+    if not {"melt", "per_loop"} <= set(pivot.columns):
         return pd.DataFrame()
-    return (pivot["melt"] / pivot["ouro"]).unstack("loops").dropna(axis=1, how="all")
+    return (pivot["melt"] / pivot["per_loop"]).unstack("loops").dropna(axis=1, how="all")
 
 
 def oom_frontier(view: pd.DataFrame) -> pd.DataFrame:
@@ -336,6 +368,168 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
+# -- every cache design: the policies table and plot -----------------------------------------------
+
+def policies_of(view: pd.DataFrame) -> list[str]:
+    """The cache designs in the view, in the families' order."""
+    order = ["standard", *[p for family in FAMILIES.values() for p in family]]
+    present = set(view.policy.dropna()) if "policy" in view else set()
+    return [p for p in order if p in present] + sorted(present - set(order))
+
+
+def policies_markdown(view: pd.DataFrame) -> str:
+    """Per design at the deepest loop count and each length: its cache as allocated and after the
+    prefill, its peaks, decode speed and the ratio of its peak to the per-loop LoopLM's."""
+    from models.policies import POLICIES
+
+    ok = view[view.status == "ok"]
+    deepest = ok[~ok.model.isin(ONE_PASS)].loops.max()
+    order = {p: i for i, p in enumerate(policies_of(view))}
+    rows = []
+    for seq_len in sorted(ok.seq_len.unique()):
+        at = ok[(ok.seq_len == seq_len) & ((ok.loops == deepest) | ok.model.isin(ONE_PASS))]
+        at = at.iloc[sorted(range(len(at)), key=lambda i: order.get(at.policy.iloc[i], len(order)))]
+        ref = at[at.policy == "per_loop"].peak_bytes
+        for r in at.to_dict("records"):
+            policy = r["policy"]
+            rows.append({"seq_len": seq_len, "design": design_label(r),
+                         "source": POLICIES[policy].source if policy in POLICIES else SOURCES.get(policy, ""),
+                         "KV MiB": r["kv_bytes_analytic"] / MIB,
+                         "KV after prefill MiB": r["kv_decode_bytes_analytic"] / MIB
+                         if pd.notna(r.get("kv_decode_bytes_analytic")) else None,
+                         "prefill peak MiB": r["peak_prefill_bytes"] / MIB,
+                         "decode peak MiB": r["peak_decode_bytes"] / MIB,
+                         "peak / LoopLM's": r["peak_bytes"] / ref.iloc[0] if len(ref) else None,
+                         "decode tok/s": r.get("decode_tokens_per_s")})
+    table = pd.DataFrame(rows)
+    lines = ["", f"## Every cache design at loops {deepest} ({POLICIES_PLOT})", "",
+             "One row per design and length, at the deepest loop count of the sweep (the standard model"
+             " runs once): the cache as allocated (`KV MiB`) and after the prefill (merging policies"
+             " keep one slot per layer then), the prefill and decode peaks, and the peak against the"
+             " per-loop LoopLM's at the same point. Sources: cache-policies.md.", "",
+             table.to_markdown(index=False, floatfmt=".2f"), "",
+             f"![every cache design against loop depth]({POLICIES_PLOT})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_policies(view: pd.DataFrame, path: Path) -> None:
+    """Peak memory against loops, one panel per family of designs (FAMILIES) and one row per
+    length; the per-loop LoopLM (faint) and the standard model (dotted) in every panel as
+    references. Solid: the point's peak; dashed: its decode peak."""
+    seq_lens = sorted(view.seq_len.unique())
+    families = [(name, members) for name, members in FAMILIES.items() if set(members) & set(view.policy)]
+    fig, axes = plt.subplots(len(seq_lens), len(families), squeeze=False, sharey="row",
+                             figsize=(3.9 * len(families) + 0.6, 3.2 * len(seq_lens) + 0.8))
+    for row, seq_len in enumerate(seq_lens):
+        rows = view[(view.seq_len == seq_len) & (view.status == "ok")]
+        for col, (name, members) in enumerate(families):
+            ax = axes[row][col]
+            for policy in dict.fromkeys(("per_loop", *members)):
+                s = rows[rows.policy == policy].sort_values("loops")
+                if s.empty:
+                    continue
+                reference = policy not in members
+                color = COLORS.get(policy)
+                label = design_label(s.iloc[0]) + (" (reference)" if reference else "")
+                ax.plot(s.loops, s.peak_bytes / MIB, "o-", color=color, alpha=0.35 if reference else 1,
+                        label=label, ms=3 if reference else 4)
+                if not reference:
+                    ax.plot(s.loops, s.peak_decode_bytes / MIB, "--", color=color, lw=1)
+            standard = rows[rows.policy == "standard"]
+            if len(standard):
+                ax.axhline(standard.peak_bytes.iloc[0] / MIB, color=COLORS["standard"], ls=":", label="standard")
+            _ticked_axis(ax, rows.loops, log2=False)
+            ax.set_title(f"{name}\nseq_len {seq_len}" if row == 0 else f"seq_len {seq_len}", fontsize=9)
+            ax.set_xlabel("loops")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.legend(fontsize=7, frameon=False, loc="upper left")
+        axes[row][0].set_ylabel("peak memory (MiB)")
+    fig.suptitle("Every cache design against loop depth (solid: peak; dashed: decode peak)", fontsize=10)
+    fig.tight_layout()
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+# -- scored texts: what each design costs in quality ------------------------------------------------
+
+def quality_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per scored design (scenario=score): the text's negative log-likelihood and perplexity over
+    the scored tokens, against the per-loop LoopLM's, beside its cache per token."""
+    ok = with_legacy_columns(df[(df.status == "ok") & df.nll.notna()].copy())
+    order = {p: i for i, p in enumerate(policies_of(ok))}
+    rows = []
+    for r in sorted(ok.to_dict("records"), key=lambda r: order.get(r["policy"], len(order))):
+        ref = ok[(ok.policy == "per_loop") & (ok.checkpoint == r["checkpoint"]) & (ok.text == r["text"])]
+        length = r["seq_len"] + r["new_tokens"]
+        rows.append({"design": design_label(r), "loops": r["loops"], "scored tokens": r["scored_tokens"],
+                     "NLL (nats/token)": r["nll"], "perplexity": r["perplexity"],
+                     "NLL - LoopLM's": r["nll"] - ref.nll.iloc[0] if len(ref) else None,
+                     "KV B/token (prefill)": r["kv_bytes_analytic"] / length,
+                     "KV B/token (decode)": r["kv_decode_bytes_analytic"] / length,
+                     "checkpoint": r["checkpoint"], "text": r["text"]})
+    return pd.DataFrame(rows)
+
+
+def drift_table(src: Path) -> pd.DataFrame:
+    """The drift.csv files under `src` (one per scored per-loop LoopLM), as means over the layers
+    per loop and kind (keys, values)."""
+    from .runner import DRIFT_FILE
+
+    tables = [pd.read_csv(p).assign(point=p.parent.name) for p in sorted(Path(src).rglob(DRIFT_FILE))]
+    if not tables:
+        return pd.DataFrame()
+    drift = pd.concat(tables)
+    return drift.groupby(["loop", "kind"])[["cos_vs_last", "rel_vs_last", "cos_vs_first", "rel_vs_first"]].mean().reset_index()
+
+
+def quality_markdown(df: pd.DataFrame, src: Path) -> str:
+    table = quality_table(df)
+    lines = ["", "## Quality on a text (scenario=score)", "",
+             "The text's first `seq_len` tokens are prefilled, the next `new_tokens` fed one at a time"
+             " through the decode step (teacher forcing), so each design's decode-time cache rules are"
+             " what is scored. NLL in nats per scored token; the KV columns divide each design's cache"
+             " (as allocated, and after the prefill) by the tokens it holds.", "",
+             table.drop(columns=["checkpoint", "text"]).to_markdown(index=False, floatfmt=".4f"), "",
+             f"checkpoint: {', '.join(map(str, table.checkpoint.unique()))}; text: {', '.join(map(str, table.text.unique()))}",
+             "", f"![quality against the cache]({QUALITY_PLOT})", ""]
+    drift = drift_table(src)
+    if len(drift):
+        lines += ["### How far each loop's K/V are from the last loop's and the first's", "",
+                  "Means over layers and the prompt's tokens (bench/drift.py): cosine similarity and"
+                  " relative distance ||x - ref|| / ||ref|| of loop t's keys and values. A policy that"
+                  " keeps one loop's K/V survives when the other loops' are close to it.", "",
+                  drift.to_markdown(index=False, floatfmt=".3f"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality(df: pd.DataFrame, path: Path) -> None:
+    """Perplexity against the KV bytes per token each design keeps while decoding (log x)."""
+    table = quality_table(df)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in table.to_dict("records"):
+        ax.scatter(r["KV B/token (decode)"], r["perplexity"], color=COLORS.get(_policy_of(r["design"]), "tab:gray"))
+        ax.annotate(r["design"], (r["KV B/token (decode)"], r["perplexity"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV bytes per token while decoding (log)")
+    ax.set_ylabel("perplexity of the scored tokens")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _policy_of(label: str) -> str:
+    return next((p for p, name in LABELS.items() if label.startswith(name)), label)
+
+
 # -- speed against the machine's limits, the hf_llama peer, capacity ---------------------------------
 
 def speed_markdown(df: pd.DataFrame) -> str:
@@ -399,18 +593,18 @@ def peer_ratio(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The capacity searches' final rows: per model, the largest batch within the budget and the
-    decode throughput (tokens/s over the whole batch) at that batch."""
+    """The capacity searches' final rows: per cache design, the largest batch within the budget and
+    the decode throughput (tokens/s over the whole batch) at that batch."""
     rows = df[df.capacity_max_batch.notna()]
     table = pd.DataFrame({
-        "model": rows.model, "loops": rows.loops, "seq_len": rows.seq_len,
+        "policy": rows.policy, "loops": rows.loops, "seq_len": rows.seq_len,
         "budget GB": rows.budget_bytes / 1e9, "max batch": rows.capacity_max_batch.astype(int),
         "first OOM batch": rows.capacity_first_oom.astype("Int64"),
         # numeric even when nothing was timed (probe fake: all None)
         "decode tok/s": pd.to_numeric(rows.decode_tokens_per_s), "peak MiB": rows.peak_bytes / MIB,
         "KV MiB": rows.kv_bytes_analytic / MIB, "decode bound": rows.decode_bound,
     })
-    return table.sort_values(["seq_len", "loops", "model"]).reset_index(drop=True)
+    return table.sort_values(["seq_len", "loops", "policy"]).reset_index(drop=True)
 
 
 def capacity_markdown(df: pd.DataFrame) -> str:
@@ -421,11 +615,11 @@ def capacity_markdown(df: pd.DataFrame) -> str:
              " over the whole batch, at the largest batch.", "",
              table.to_markdown(index=False, floatfmt=".2f"), ""]
     for (seq_len, loops), g in table.groupby(["seq_len", "loops"]):
-        by = g.set_index("model")
-        if {"melt", "ouro"} <= set(by.index) and by.loc["ouro", "max batch"] > 0:
-            speed = by.loc["melt", "decode tok/s"] / by.loc["ouro", "decode tok/s"]
+        by = g.set_index("policy")
+        if {"melt", "per_loop"} <= set(by.index) and by.loc["per_loop", "max batch"] > 0:
+            speed = by.loc["melt", "decode tok/s"] / by.loc["per_loop", "decode tok/s"]
             lines.append(f"- seq_len {seq_len}, loops {loops}: MELT / LoopLM max batch "
-                         f"{by.loc['melt', 'max batch'] / by.loc['ouro', 'max batch']:.2f}, decode tok/s "
+                         f"{by.loc['melt', 'max batch'] / by.loc['per_loop', 'max batch']:.2f}, decode tok/s "
                          + (f"{speed:.2f}" if pd.notna(speed) else "not timed (probe fake)"))
     lines += ["", f"![capacity]({CAPACITY_PLOT})", ""]
     return "\n".join(lines) + "\n"
@@ -434,9 +628,9 @@ def capacity_markdown(df: pd.DataFrame) -> str:
 def plot_capacity(table: pd.DataFrame, path: Path) -> None:
     """Two bar panels per (seq_len, loops): max batch and decode tokens/s at it, per model."""
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    labels = [f"{MODEL_LABELS.get(r.model, r.model)}\n{r.seq_len} tok, loops {r.loops}"
+    labels = [f"{LABELS.get(r.policy, r.policy)}\n{r.seq_len} tok, loops {r.loops}"
               for r in table.itertuples()]
-    colors = [COLORS.get(m, "tab:gray") for m in table.model]
+    colors = [COLORS.get(p, "tab:gray") for p in table.policy]
     for ax, column, ylabel in ((axes[0], "max batch", "largest batch within budget"),
                                (axes[1], "decode tok/s", "decode tokens/s at that batch")):
         ax.bar(range(len(table)), table[column].fillna(0), color=colors)

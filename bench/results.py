@@ -20,7 +20,7 @@ TABLE_FILE = "table.parquet"
 # A point is identified by these; a sweep skips a point whose identity already has a result
 # measured by the same code (git_sha, see find_measured and same_code).
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
-            "device", "probe", "prefill", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint", "compile",
+            "device", "probe", "prefill", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint", "text", "compile",
             "compile_backend"]
 # status: the memory pass (ok | oom | error); timing_status: the timing pass after it (empty when
 # the point is not timed). A failed timing pass keeps the memory columns.
@@ -39,12 +39,14 @@ SPEED = ["prefill_tokens_per_s", "prefill_tokens_per_s_min", "prefill_tokens_per
          "token_latency_ms_p50", "token_latency_ms_p90", "bandwidth_utilization"]
 # Against the machine's measured limits (bench/roofline.py): weights | kv | compute.
 SPEED += ["decode_bound", "prefill_utilization", "prefill_bound"]
+# scenario=score: the text's teacher-forced likelihood through the point's cache path (nats).
+SCORE = ["scored_tokens", "nll", "perplexity"]
 # The capacity search (bench/capacity.py), on its final row: the largest batch within the budget.
 CAPACITY = ["budget_bytes", "capacity_max_batch", "capacity_first_oom"]
 ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
 ENV += ["copy_bytes_per_s", "matmul_flops_per_s",  # measured once per run (bench/env.py)
         "device_bandwidth_bytes_per_s"]              # the GPU's theoretical bandwidth (NVML)
-COLUMNS = IDENTITY + DESIGN + STATUS + MEMORY + PREDICTED + SPEED + CAPACITY + ENV
+COLUMNS = IDENTITY + DESIGN + STATUS + MEMORY + PREDICTED + SPEED + SCORE + CAPACITY + ENV
 
 
 def identity(point: BenchConfig) -> dict:
@@ -84,7 +86,7 @@ def write_row(folder: Path, row: dict) -> Path:
 
 # Identity columns that tables written by earlier versions lack, and what those rows mean by them:
 # before `prefill` existed, the standard model and the LoopLM prefilled in one pass.
-LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_backend": None}
+LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_backend": None, "text": None}
 
 
 def with_legacy_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -95,13 +97,11 @@ def with_legacy_columns(df: pd.DataFrame) -> pd.DataFrame:
     for column, value in LEGACY.items():
         if column not in df.columns:
             df[column] = value
-    if "policy" not in df.columns:
-        df["policy"] = None
-    missing = df["policy"].isna()
-    if missing.any():
+    policy = df["policy"] if "policy" in df.columns else pd.Series([None] * len(df), index=df.index)
+    if policy.isna().any():
         sharing = df["kv_sharing"] if "kv_sharing" in df.columns else pd.Series([None] * len(df), index=df.index)
-        df.loc[missing, "policy"] = [policy_name(m, None if pd.isna(k) else k)
-                                     for m, k in zip(df.loc[missing, "model"], sharing[missing])]
+        df["policy"] = pd.Series([p if isinstance(p, str) else policy_name(m, None if pd.isna(k) else k)
+                                  for p, m, k in zip(policy, df["model"], sharing)], index=df.index)
     return df
 
 

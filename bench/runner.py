@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ from . import env
 from .config import BenchConfig, resolve
 from .memory_model import predict_point
 from .probes import Phase, make_probe
-from .results import COLUMNS, find_measured, identity, same_code, write_row
+from .results import COLUMNS, atomic_file, find_measured, identity, same_code, write_row
 from .roofline import speed_columns
+from .text import encode
 
 log = logging.getLogger("bench")
 
@@ -59,8 +61,28 @@ def run(cfg: DictConfig) -> dict:
             again = f" (measured again: the row was from git {done['git_sha']}, this is {sha})"
     row = measure(point)
     write_row(Path(hc.runtime.output_dir), row)
+    if point.scenario == "score" and row["status"] == "ok" and row["policy"] == "per_loop":
+        write_drift(point, Path(hc.runtime.output_dir))
     _progress(job_num, row, row["status"] + again)
     return row
+
+
+DRIFT_FILE = "drift.csv"
+
+
+def write_drift(point: BenchConfig, folder: Path) -> None:
+    """Beside a scored LoopLM's row: how far each loop's K/V of the text's prompt drift from the
+    last loop's and the first's (bench.drift), the mechanism behind the policies' scores."""
+    import models
+    from .drift import kv_drift
+
+    with torch.no_grad():
+        model = models.MODEL_CLASSES["ouro"].from_pretrained(point.checkpoint, dtype=getattr(torch, point.dtype),
+                                                             device=point.device, loops=point.loops)
+        ids = encode(point.checkpoint, point.text, point.seq_len).to(point.device)
+        table = kv_drift(model, ids, point.chunk_size if point.prefill == "chunked" else None)
+    with atomic_file(folder / DRIFT_FILE) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def measure(point: BenchConfig, timed: bool = True) -> dict:
@@ -100,7 +122,7 @@ def _message(e: Exception) -> str:
 
 def _measure(p: BenchConfig, timed: bool = True) -> dict:
     probe = make_probe(p.probe, None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20))
-    timed = timed and probe.timed and p.repeats > 0  # repeats=0: memory only
+    timed = timed and probe.timed and p.repeats > 0 and p.scenario != "score"  # repeats=0: memory only
     # The machine's limits, measured once per process and before any model is built (their
     # buffers are gone when the point's memory is measured).
     limits = env.limits(p.device, p.dtype) if timed else {}
@@ -123,10 +145,13 @@ def _measure(p: BenchConfig, timed: bool = True) -> dict:
 class Point:
     """What the memory pass leaves for the timing pass: the engine, its cache and the prompt."""
 
-    def __init__(self, engine: Engine, cache, prompt: torch.Tensor, p: BenchConfig):
+    def __init__(self, engine: Engine, cache, prompt: torch.Tensor, p: BenchConfig,
+                 continuation: torch.Tensor | None = None):
         self.engine, self.cache, self.prompt = engine, cache, prompt
         self.chunk_size = p.chunk_size if p.prefill == "chunked" else None  # None: the model's own
         self.new_tokens = p.new_tokens
+        self.continuation = continuation  # scenario=score: the true tokens after the prompt [1, new_tokens]
+        self.scores: torch.Tensor | None = None
 
     def prefill(self, timer: StepTimer | None = None) -> torch.Tensor:
         if timer is not None:
@@ -137,6 +162,9 @@ class Point:
         return logits
 
     def decode(self, logits: torch.Tensor, eager: bool = False, timer: StepTimer | None = None) -> None:
+        if self.continuation is not None:  # teacher forcing: the log-likelihood of the true tokens
+            self.scores = self.engine.forced_decode(logits, self.cache, self.prompt.shape[1], self.continuation)
+            return
         self.engine.decode(logits, self.cache, self.prompt.shape[1], self.new_tokens, eager=eager, timer=timer)
 
     def run(self, decodes: bool) -> None:
@@ -162,13 +190,18 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
                 p.checkpoint, dtype=getattr(torch, p.dtype), device=p.device, loops=p.loops,
                 **p.model_options())
         baseline = probe.current_bytes()
-        prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
-        engine = Engine(model, compile=p.compile, backend=p.compile_backend)
         max_len = p.seq_len + p.new_tokens
+        continuation = None
+        if p.scenario == "score":  # the text's tokens: the prompt, then the ones scored
+            ids = encode(p.checkpoint, p.text, max_len).to(p.device)
+            prompt, continuation = ids[:, :p.seq_len], ids[:, p.seq_len:]
+        else:
+            prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
+        engine = Engine(model, compile=p.compile, backend=p.compile_backend)
         for _ in range(p.warmup if probe.timed else 0):
-            Point(engine, engine.new_cache(p.batch, max_len), prompt, p).run(decodes)
+            Point(engine, engine.new_cache(p.batch, max_len), prompt, p, continuation).run(decodes)
         before = probe.current_bytes()
-        point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p)
+        point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p, continuation)
         kv_measured = probe.current_bytes() - before
         dec = Phase()  # stays empty for a prefill-only point
         with probe.phase() as pre:
@@ -180,7 +213,11 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
             kv_measured = point.cache.nbytes()
         nvml = probe.nvml()
     phases = [ph for ph, used in ((pre, p.scenario != "decode"), (dec, decodes)) if used]
-    return point, {
+    score = {}
+    if point.scores is not None:
+        nll = -point.scores.mean().item()
+        score = {"scored_tokens": point.scores.numel(), "nll": nll, "perplexity": math.exp(nll)}
+    return point, {**score,
         "weights_bytes": model.weights_bytes(),
         "baseline_bytes": baseline,
         "kv_bytes_analytic": model.kv_cache_bytes(p.batch, max_len),

@@ -60,4 +60,6 @@ KV_SHARINGS = tuple(POLICIES)
 def policy_name(model: str, kv_sharing: str | None = None) -> str:
     """One name per cache design everywhere (the conf/policy/ option, the table's `policy`
     column, the plots): the LoopLM's policy, or the model's own name (standard, melt, loopcoder)."""
-    return kv_sharing if model == "ouro" and kv_sharing else model
+    if model == "ouro":
+        return kv_sharing or "per_loop"  # the LoopLM's default
+    return model

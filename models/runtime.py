@@ -160,6 +160,11 @@ class Engine:
             return self.model.decode(logits.argmax(-1), cache, start_pos, steps, step,
                                      timer.mark if timer is not None else None)
 
+    def forced_decode(self, logits: torch.Tensor, cache, start_pos: int, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing after a prefill: log p of the true tokens ids [B, n] (forced_decode), eager."""
+        with attention_kernels(self.model.device):
+            return forced_decode(self.model.decode_step, logits, ids, cache, start_pos)
+
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int | None = None) -> torch.Tensor:
         """Greedy decoding with the cache: [B, S] -> [B, S + max_new_tokens]."""
@@ -177,6 +182,20 @@ def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int,
     return Engine(model).generate(prompt, max_new_tokens, chunk_size)
 
 
+def forced_decode(step: Step, logits: torch.Tensor, ids: torch.Tensor, cache, start_pos: int) -> torch.Tensor:
+    """Teacher forcing through the decode step: given the logits [B, 1, V] that predict the token
+    at start_pos (the prefill's last), and the true tokens ids [B, n] from start_pos on, feed each
+    true token through `step` -> log p(ids[:, i]) for i = 0 .. n-1, [B, n] (fp32). n - 1 steps."""
+    pos = torch.full((1,), start_pos, dtype=torch.long, device=ids.device)
+    scores = []
+    for i in range(ids.shape[1]):
+        scores.append(torch.log_softmax(logits[:, -1].float(), -1).gather(1, ids[:, i:i + 1]))
+        if i + 1 < ids.shape[1]:
+            logits = step(ids[:, i:i + 1], cache, pos)
+            pos += 1
+    return torch.cat(scores, dim=1)
+
+
 @torch.inference_mode()
 def score(model: LanguageModel, ids: torch.Tensor, prompt_len: int, chunk_size: int | None = None) -> torch.Tensor:
     """Teacher-forced log-probabilities of ids[:, prompt_len:] through the model's own cached path:
@@ -188,11 +207,4 @@ def score(model: LanguageModel, ids: torch.Tensor, prompt_len: int, chunk_size: 
         raise ValueError(f"prompt_len: got {prompt_len}; allowed: 1..{length - 1}")
     cache = model.new_cache(batch, length)
     logits = model.prefill(ids[:, :prompt_len], cache, chunk_size)                 # [B, 1, V]
-    scores = []
-    pos = torch.full((1,), prompt_len, dtype=torch.long, device=ids.device)
-    for i in range(prompt_len, length):
-        scores.append(torch.log_softmax(logits[:, -1].float(), -1).gather(1, ids[:, i:i + 1]))
-        if i + 1 < length:
-            logits = model.decode_step(ids[:, i:i + 1], cache, pos)
-            pos += 1
-    return torch.cat(scores, dim=1)
+    return forced_decode(model.decode_step, logits, ids[:, prompt_len:], cache, prompt_len)
