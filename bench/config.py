@@ -23,6 +23,7 @@ from models import ALL_MODEL_NAMES, MODEL_OPTIONS, PEER_NAMES, SIZES, make_confi
 SCENARIOS = ("prefill", "decode", "generate", "score")
 PREFILLS = ("chunked", "one_pass")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+PROFILES = ("none", "timeline", "snapshot")  # bench/profiles.py
 # Launchers whose points run on other machines (Slurm nodes with the GPU they ask for): `auto`
 # device values there mean the GPU's, whatever the machine that submits the sweep has.
 REMOTE_LAUNCHERS = ("slurm", "submitit_slurm")
@@ -87,6 +88,10 @@ class BenchConfig:
     # seq_len tokens are prefilled, the next new_tokens scored one at a time through the decode
     # step (teacher forcing), so a cache policy's decode-time rules are what is scored.
     text: Optional[str] = None
+    # What a point records beyond its row (bench/profiles.py): none | timeline (live bytes per
+    # category over the memory pass, drawn in the report) | snapshot (CUDA: PyTorch's memory
+    # history of the memory pass, for pytorch.org/memory_viz).
+    profile: str = "none"
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
     # Decode with the step compiled whole by torch.compile (CUDA graphs on a GPU). None: auto, on
@@ -155,6 +160,7 @@ def resolve(cfg: DictConfig | BenchConfig, launcher: str | None = None) -> Bench
     _choice("probe", c.probe, PROBES)
     _choice("prefill", c.prefill, PREFILLS)
     _choice("compile_backend", c.compile_backend, COMPILE_BACKENDS)
+    _choice("profile", c.profile, PROFILES)
     for field, low in (("loops", 1), ("seq_len", 1), ("batch", 1), ("new_tokens", 1),
                        ("repeats", 0), ("warmup", 0), ("chunk_size", 1)):
         value = getattr(c, field)

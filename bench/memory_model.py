@@ -65,7 +65,13 @@ class Prediction:
         return {"predicted_kv_bytes": self.kv_bytes,
                 "predicted_prefill_bytes": prefill,
                 "predicted_decode_bytes": decode,
-                "predicted_peak_bytes": max(phases)}
+                "predicted_peak_bytes": max(phases),
+                # the same peaks by category, as bench/probes.py counts them: weights, the cache,
+                # and everything else (the prefill's cache is as allocated, the decode's as kept)
+                "predicted_weights_bytes": self.weights_bytes,
+                "predicted_kv_decode_bytes": self.kv_decode_bytes if decode is not None else None,
+                "predicted_prefill_activations_bytes": self.prefill_transient_bytes,
+                "predicted_decode_activations_bytes": self.decode_transient_bytes if decode is not None else None}
 
 
 def num_parameters(c) -> int:

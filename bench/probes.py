@@ -1,23 +1,38 @@
 """Memory probes. Each one is used the same way:
 
     with probe.session():              # model and cache are built inside
+        with probe.owner("weights"):     # storages made here count as weights (then "kv")
+            model = ...
         baseline = probe.current_bytes()
-        with probe.phase() as prefill:   # the peak is reset when a phase starts
+        with probe.phase("prefill") as prefill:   # the peak is reset when a phase starts
             ...
-        prefill.peak_bytes
+        prefill.peak_bytes, prefill.breakdown  # {"weights", "kv", "activations"} at the peak
         probe.nvml()                      # NVML columns (CUDA only)
 
-`cuda` reads the caching allocator's statistics; `tracked` counts the bytes of live tensors itself,
-on any device and deterministically (CI runs it on CPU); `fake` does the same over fake tensors, so
-a laptop estimates a full-size model at any length without the memory or the compute. All report
+`tracked` counts the bytes of live tensor storages itself (a TorchDispatchMode), on any device and
+deterministically (CI runs it on CPU); `fake` does the same over fake tensors, so a laptop
+estimates a full-size model at any length without the memory or the compute; `cuda` reads the
+caching allocator's statistics and, beside them, counts what the tracked probe counts. All report
 integers, in bytes.
+
+Where the peak goes: each storage belongs to one category, by who made it: the model's parameters
+("weights"), the cache's buffers ("kv"), everything else ("activations": the activations and
+temporaries of the pass). The three sum to the tracked peak to the byte. PyTorch's
+torch.distributed._tools.mem_tracker is not used for this: its categories (parameters, buffers,
+gradients, optimizer state, activations, temporaries) have no KV cache, which here is neither a
+module's buffer nor an activation, and it follows modules with hooks for training, where a
+storage's owner is the whole question here.
+
+profile=timeline also records the live bytes of each category after every op, with markers for
+phases, chunks and loops (Timeline).
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -27,15 +42,47 @@ from torch.utils._pytree import tree_leaves
 
 from . import env
 
+CATEGORIES = ("weights", "kv", "activations")
+
 
 @dataclass
 class Phase:
     peak_bytes: Optional[int] = None
     reserved_bytes: Optional[int] = None
+    breakdown: dict = field(default_factory=dict)  # category -> bytes at the peak
+
+
+class Timeline:
+    """Live bytes per category after every op that changed them, the part of the cache that holds
+    written rows, and markers: what a plot of a point's memory over its memory pass needs."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, int, int, int, int]] = []   # (op, weights, kv, activations, kv written)
+        self.marks: list[tuple[int, str, str]] = []       # (op, kind, label): phase, chunk, loop
+        self.written: dict[int, int] = {}                 # id(cache storage) -> bytes up to its last written row
+
+    def write(self, dst: torch.Tensor) -> None:
+        """A copy into rows start..end of a cache buffer [B, H, rows, D] (a prefill's write): its
+        rows up to `end` now hold data. (The decode step's single rows, written by index, are not
+        followed: a handful of rows.)"""
+        if dst.dim() != 4 or dst.stride(2) == 0:
+            return
+        storage = dst.untyped_storage()
+        rows = dst.stride(1) // dst.stride(2)                                  # the buffer's length
+        end = (dst.storage_offset() % dst.stride(1)) // dst.stride(2) + dst.shape[2]
+        key = id(storage)
+        self.written[key] = max(self.written.get(key, 0), storage.nbytes() * min(end, rows) // rows)
+
+    def frame(self):
+        import pandas as pd
+
+        samples = pd.DataFrame(self.rows, columns=["op", *CATEGORIES, "kv_written"])
+        marks = pd.DataFrame(self.marks, columns=["op", "kind", "label"])
+        return samples, marks
 
 
 class LiveTensors(TorchDispatchMode):
-    """Live bytes of every tensor storage created or touched while the mode is on.
+    """Live bytes of every tensor storage created or touched while the mode is on, by category.
 
     Each storage counts once however many tensors view it; it stops counting when it is freed (a
     weak reference tells). With `limit_bytes`, an op whose result takes the total past the limit
@@ -46,14 +93,28 @@ class LiveTensors(TorchDispatchMode):
         super().__init__()
         self.limit_bytes = limit_bytes
         self.sizes: dict[int, int] = {}  # id(storage) -> bytes, for storages alive now
+        self.owners: dict[int, str] = {}  # id(storage) -> category
+        self.by = Counter({c: 0 for c in CATEGORIES})
         self.current = 0
         self.peak = 0
+        self.peak_by: dict = dict(self.by)
+        self.default = "activations"      # the category of storages made now (probe.owner)
+        self.timeline: Timeline | None = None
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self._call(func, types, args, kwargs or {})
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._see(t)
+        self.ops += 1
+        if self.timeline is not None:
+            if func is torch.ops.aten.copy_.default and self.owners.get(id(args[0].untyped_storage())) == "kv":
+                self.timeline.write(args[0])
+            written = sum(b for k, b in self.timeline.written.items() if k in self.sizes)
+            row = (self.ops, self.by["weights"], self.by["kv"], self.by["activations"], written)
+            if not self.timeline.rows or self.timeline.rows[-1][1:] != row[1:]:
+                self.timeline.rows.append(row)
         return out
 
     def _call(self, func, types, args, kwargs):
@@ -71,19 +132,40 @@ class LiveTensors(TorchDispatchMode):
             # PyTorch keeps one Python object per storage while the storage lives, so the
             # finalizer runs when the memory itself is released.
             weakref.finalize(storage, self._free, key)
+            self.owners[key] = self.default
         self.sizes[key] = nbytes
+        self.by[self.owners[key]] += nbytes - (old or 0)
         self.current += nbytes - (old or 0)
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_by = dict(self.by)
         if self.limit_bytes is not None and self.current > self.limit_bytes:
             raise torch.OutOfMemoryError(
                 f"out of memory (simulated): live tensors would hold {self.current} bytes, "
                 f"past mem_limit {self.limit_bytes} bytes")
 
     def _free(self, key: int) -> None:
-        self.current -= self.sizes.pop(key, 0)
+        nbytes = self.sizes.pop(key, 0)
+        self.by[self.owners.pop(key, "activations")] -= nbytes
+        self.current -= nbytes
+
+    def label(self, tensors, category: str) -> None:
+        """Count these tensors' storages as `category` from now on (a cache that grows inside the
+        model's own code, transformers' DynamicCache, is labelled after each phase)."""
+        for t in tensors:
+            key = id(t.untyped_storage())
+            if key in self.sizes and self.owners[key] != category:
+                self.by[self.owners[key]] -= self.sizes[key]
+                self.by[category] += self.sizes[key]
+                self.owners[key] = category
 
     def reset_peak(self) -> None:
         self.peak = self.current
+        self.peak_by = dict(self.by)
+
+    def mark(self, kind: str, label: str) -> None:
+        if self.timeline is not None:
+            self.timeline.marks.append((self.ops, kind, label))
 
 
 class FakeLiveTensors(LiveTensors, FakeTensorMode):
@@ -109,13 +191,34 @@ class TrackedProbe:
         return self.live.current
 
     @contextlib.contextmanager
-    def phase(self):
+    def owner(self, category: str):
+        """Storages made inside count as `category` (weights, kv; activations otherwise)."""
+        before, self.live.default = self.live.default, category
+        try:
+            yield
+        finally:
+            self.live.default = before
+
+    def label(self, tensors, category: str) -> None:
+        self.live.label(tensors, category)
+
+    def record(self, timeline: Timeline | None) -> None:
+        """Record a timeline of the session from now on (None: stop)."""
+        self.live.timeline = timeline
+
+    def mark(self, kind: str, label: str) -> None:
+        self.live.mark(kind, label)
+
+    @contextlib.contextmanager
+    def phase(self, name: str = ""):
         stats = Phase()
         self.live.reset_peak()
+        self.mark("phase", name)
         try:
             yield stats
         finally:
             stats.peak_bytes = self.live.peak
+            stats.breakdown = dict(self.live.peak_by)
 
     def nvml(self) -> dict:
         return {}
@@ -133,12 +236,17 @@ class FakeProbe(TrackedProbe):
         self.live = FakeLiveTensors(limit_bytes)
 
 
-class CudaProbe:
+class CudaProbe(TrackedProbe):
+    """The caching allocator's peaks (peak_bytes, reserved), with the tracked probe's count of
+    live tensors by owner running beside them: its categories sum to its own peak, which differs
+    from the allocator's by the allocator's rounding and the kernels' private workspaces."""
+
     name = "cuda"
     timed = True
 
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes
+        self.live = LiveTensors()  # the allocator enforces the limit, not the count
 
     @contextlib.contextmanager
     def session(self):
@@ -146,7 +254,8 @@ class CudaProbe:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.limit_bytes / total))
         try:
-            yield self
+            with self.live:
+                yield self
         finally:
             if self.limit_bytes is not None:
                 torch.cuda.set_per_process_memory_fraction(1.0)
@@ -155,16 +264,20 @@ class CudaProbe:
         return torch.cuda.memory_allocated()
 
     @contextlib.contextmanager
-    def phase(self):
-        stats = Phase()
+    def phase(self, name: str = ""):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        try:
-            yield stats
-        finally:
-            torch.cuda.synchronize()
-            stats.peak_bytes = torch.cuda.max_memory_allocated()
-            stats.reserved_bytes = torch.cuda.max_memory_reserved()
+        with super().phase(name) as stats:
+            try:
+                yield stats
+            finally:
+                torch.cuda.synchronize()
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        stats.peak_bytes, stats.reserved_bytes = allocated, reserved
+        stats.breakdown["allocator"] = reserved - allocated   # the allocator's cached, unused blocks
+        used, _ = env.nvml_used_bytes()
+        if used is not None:
+            stats.breakdown["outside_torch"] = used - torch.cuda.memory_reserved()
 
     def nvml(self) -> dict:
         """What the driver says this process uses now, and the part PyTorch does not account for

@@ -21,7 +21,7 @@ TABLE_FILE = "table.parquet"
 # measured by the same code (git_sha, see find_measured and same_code).
 IDENTITY = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype",
             "device", "probe", "prefill", *MODEL_OPTIONS, "mem_limit_mib", "seed", "checkpoint", "text", "compile",
-            "compile_backend"]
+            "compile_backend", "profile"]
 # status: the memory pass (ok | oom | error); timing_status: the timing pass after it (empty when
 # the point is not timed). A failed timing pass keeps the memory columns.
 STATUS = ["status", "error", "timing_status", "timing_error"]
@@ -30,9 +30,15 @@ DESIGN = ["policy"]
 MEMORY = ["weights_bytes", "baseline_bytes", "kv_bytes_analytic", "kv_decode_bytes_analytic", "kv_bytes_measured",
           "kv_bytes_per_token", "peak_bytes", "peak_prefill_bytes", "peak_decode_bytes",
           "reserved_bytes", "nvml_used_bytes", "nvml_scope", "non_torch_bytes"]
+# Where each phase's peak goes (bench/probes.py): by owner, summing to the tracked peak; on CUDA
+# also the allocator's cached, unused share and what the process holds outside PyTorch (NVML).
+BREAKDOWN_CATEGORIES = ["weights", "kv", "activations", "allocator", "outside_torch"]
+MEMORY += [f"{phase}_{category}_bytes" for phase in ("prefill", "decode") for category in BREAKDOWN_CATEGORIES]
+MEMORY += ["process_peak_rss_bytes"]  # the process's peak resident set (its whole life, on CPU and GPU)
 # bench.memory_model's analytic prediction for the point (empty for a model it does not cover).
 PREDICTED = ["predicted_kv_bytes", "predicted_prefill_bytes", "predicted_decode_bytes",
-             "predicted_peak_bytes"]
+             "predicted_peak_bytes", "predicted_weights_bytes", "predicted_kv_decode_bytes",
+             "predicted_prefill_activations_bytes", "predicted_decode_activations_bytes"]
 # Speed: medians over the repeats, and their range (_min, _max).
 SPEED = ["prefill_tokens_per_s", "prefill_tokens_per_s_min", "prefill_tokens_per_s_max",
          "decode_tokens_per_s", "decode_tokens_per_s_min", "decode_tokens_per_s_max",
@@ -86,7 +92,8 @@ def write_row(folder: Path, row: dict) -> Path:
 
 # Identity columns that tables written by earlier versions lack, and what those rows mean by them:
 # before `prefill` existed, the standard model and the LoopLM prefilled in one pass.
-LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_backend": None, "text": None}
+LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_backend": None, "text": None,
+          "profile": "none"}
 
 
 def with_legacy_columns(df: pd.DataFrame) -> pd.DataFrame:

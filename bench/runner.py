@@ -19,10 +19,11 @@ from models import MODEL_NAMES
 from models.policies import policy_name
 from models.runtime import Engine, StepTimer
 
-from . import env
+from . import env, profiles
 from .config import BenchConfig, resolve
 from .memory_model import predict_point
 from .probes import Phase, make_probe
+from .results import BREAKDOWN_CATEGORIES
 from .results import COLUMNS, atomic_file, find_measured, identity, same_code, write_row
 from .roofline import speed_columns
 from .text import encode
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
             return done
         if done is not None:
             again = f" (measured again: the row was from git {done['git_sha']}, this is {sha})"
-    row = measure(point)
+    row = measure(point, folder=Path(hc.runtime.output_dir))
     write_row(Path(hc.runtime.output_dir), row)
     if point.scenario == "score" and row["status"] == "ok" and row["policy"] == "per_loop":
         write_drift(point, Path(hc.runtime.output_dir))
@@ -85,18 +86,19 @@ def write_drift(point: BenchConfig, folder: Path) -> None:
         table.to_csv(tmp, index=False)
 
 
-def measure(point: BenchConfig, timed: bool = True) -> dict:
+def measure(point: BenchConfig, timed: bool = True, folder: Path | None = None) -> dict:
     """Measure a resolved point. An out-of-memory error is a result (status=oom); any other failure
     is status=error with its message: a sweep always gets its row and goes on. A failed timing pass
     keeps the memory pass's columns and says why in timing_status / timing_error. timed=False:
-    memory only (the capacity search's trials)."""
+    memory only (the capacity search's trials). `folder`: where a profile (profile=timeline or
+    snapshot) writes its file; none without it."""
     start = time.perf_counter()
     row = {**dict.fromkeys(COLUMNS), **identity(point), **env.info(point.device), "status": "ok",
            "policy": policy_name(point.model, point.kv_sharing)}
     if point.model in MODEL_NAMES:  # what the point should take, even when it runs out of memory
         row.update(predict_point(point).columns(point.scenario))
     try:
-        row.update(_measure(point, timed))
+        row.update(_measure(point, timed, folder))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
         row.update(status=_failure(e), error=_message(e))
     # The exception (and the frames holding model and cache) is gone here: give the memory back
@@ -120,7 +122,7 @@ def _message(e: Exception) -> str:
     return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
 
 
-def _measure(p: BenchConfig, timed: bool = True) -> dict:
+def _measure(p: BenchConfig, timed: bool = True, folder: Path | None = None) -> dict:
     probe = make_probe(p.probe, None if p.mem_limit_mib is None else int(p.mem_limit_mib * 2**20))
     timed = timed and probe.timed and p.repeats > 0 and p.scenario != "score"  # repeats=0: memory only
     # The machine's limits, measured once per process and before any model is built (their
@@ -131,7 +133,7 @@ def _measure(p: BenchConfig, timed: bool = True) -> dict:
     # (scaled_dot_product_attention) reaches the probes whole and makes its temporaries (the float
     # copy of a bool mask) below them, unseen; under no_grad the probes see each op it is made of.
     with torch.no_grad():
-        point, row = _memory_pass(p, probe)
+        point, row = _memory_pass(p, probe, folder)
     if timed:  # outside the probe: the tracked probe's bookkeeping would slow it down
         row["timing_status"] = "ok"
         try:
@@ -174,21 +176,23 @@ class Point:
             self.decode(logits, eager=True)
 
 
-def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
+def _memory_pass(p: BenchConfig, probe, folder: Path | None = None) -> tuple[Point, dict]:
     """Build the model, warm up (first calls allocate library workspaces), then one prefill and
     one decode, each under its own peak, eager. -> (the point, for timing; the memory columns)."""
     import models  # imported on use: configs compose without building anything
     from models import build_model
 
     decodes = p.scenario != "prefill"
-    with probe.session():
-        if p.checkpoint is None:
-            model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
-                                device=p.device, **p.model_options())
-        else:  # trained weights; loops and model options apply on top
-            model = models.MODEL_CLASSES[p.model].from_pretrained(
-                p.checkpoint, dtype=getattr(torch, p.dtype), device=p.device, loops=p.loops,
-                **p.model_options())
+    snapshot = profiles.snapshot(p, folder)
+    with snapshot, probe.session():
+        with probe.owner("weights"):
+            if p.checkpoint is None:
+                model = build_model(p.model, size=p.size, loops=p.loops, dtype=getattr(torch, p.dtype),
+                                    device=p.device, **p.model_options())
+            else:  # trained weights; loops and model options apply on top
+                model = models.MODEL_CLASSES[p.model].from_pretrained(
+                    p.checkpoint, dtype=getattr(torch, p.dtype), device=p.device, loops=p.loops,
+                    **p.model_options())
         baseline = probe.current_bytes()
         max_len = p.seq_len + p.new_tokens
         continuation = None
@@ -199,20 +203,29 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
             prompt = torch.randint(model.config.vocab_size, (p.batch, p.seq_len), device=p.device)
         engine = Engine(model, compile=p.compile, backend=p.compile_backend)
         for _ in range(p.warmup if probe.timed else 0):
-            Point(engine, engine.new_cache(p.batch, max_len), prompt, p, continuation).run(decodes)
+            with probe.owner("kv"):
+                cache = engine.new_cache(p.batch, max_len)
+            Point(engine, cache, prompt, p, continuation).run(decodes)
+            cache = None
         before = probe.current_bytes()
-        point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p, continuation)
+        with probe.owner("kv"):
+            point = Point(engine, engine.new_cache(p.batch, max_len), prompt, p, continuation)
         kv_measured = probe.current_bytes() - before
         dec = Phase()  # stays empty for a prefill-only point
-        with probe.phase() as pre:
-            logits = point.prefill()
-        if decodes:
-            with probe.phase() as dec:
-                point.decode(logits, eager=True)
+        with profiles.timeline(p, folder, probe, model):
+            with probe.phase("prefill") as pre:
+                logits = point.prefill()
+            probe.label(point.cache.buffers(), "kv")  # a cache that grows inside the model (hf_llama's)
+            if decodes:
+                with probe.phase("decode") as dec:
+                    point.decode(logits, eager=True)
+                probe.label(point.cache.buffers(), "kv")
         if kv_measured == 0:  # a cache that allocates as it grows (hf_llama's): what it holds at the end
             kv_measured = point.cache.nbytes()
         nvml = probe.nvml()
     phases = [ph for ph, used in ((pre, p.scenario != "decode"), (dec, decodes)) if used]
+    breakdown = {f"{name}_{category}_bytes": phase.breakdown.get(category)
+                 for name, phase in (("prefill", pre), ("decode", dec)) for category in BREAKDOWN_CATEGORIES}
     score = {}
     if point.scores is not None:
         nll = -point.scores.mean().item()
@@ -228,6 +241,8 @@ def _memory_pass(p: BenchConfig, probe) -> tuple[Point, dict]:
         "peak_decode_bytes": dec.peak_bytes,
         "peak_bytes": max(ph.peak_bytes for ph in phases),
         "reserved_bytes": max((ph.reserved_bytes for ph in phases if ph.reserved_bytes), default=None),
+        **breakdown,
+        "process_peak_rss_bytes": profiles.peak_rss_bytes(),
         **nvml,
     }
 

@@ -66,6 +66,19 @@ def test_memory_model_predicts_every_point(ci_results):
     assert (ci_results.predicted_kv_bytes == ci_results.kv_bytes_measured).all()
 
 
+def test_every_peak_splits_into_weights_kv_and_activations_as_predicted(ci_results):
+    """Both probes, every point: the owners' bytes sum to the peak exactly, and the memory model
+    predicts each category within 1 % (exactly, in fact)."""
+    for phase in ("prefill", "decode"):
+        parts = sum(ci_results[f"{phase}_{c}_bytes"] for c in ("weights", "kv", "activations"))
+        assert (parts == ci_results[f"peak_{phase}_bytes"]).all(), phase
+        kv = "predicted_kv_bytes" if phase == "prefill" else "predicted_kv_decode_bytes"
+        for measured, predicted in ((f"{phase}_weights_bytes", "predicted_weights_bytes"), (f"{phase}_kv_bytes", kv),
+                                    (f"{phase}_activations_bytes", f"predicted_{phase}_activations_bytes")):
+            error = (ci_results[predicted] / ci_results[measured] - 1).abs()
+            assert error.max() <= 0.01, (measured, error.max())
+
+
 def _point(**kw):
     return resolve(BenchConfig(**{**dict(model="melt", size="small", loops=4, seq_len=256, batch=1,
                                           scenario="generate", new_tokens=4, dtype="float32",
