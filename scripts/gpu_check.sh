@@ -6,6 +6,9 @@
 #     step with CUDA graphs; bandwidth utilization against the measured copy bandwidth);
 #   capacity at 32K, loops 4: the largest batch within the GPU's free memory and the decode
 #     throughput at it (eager decode, to keep the time in budget: every batch would compile anew);
+#   policies: every looped KV-cache design at loops 4, 4K and 16K tokens (memory only);
+#   snapshot: one point (MELT, 4K tokens, loops 4) with PyTorch's CUDA memory history of its memory
+#     pass (profile=snapshot), for pytorch.org/memory_viz;
 #   estimates: the memory_vs_seq_len points again with the fake probe (on this machine's CPU), and
 #     bench.estimates comparing fake and predicted peaks with the measured ones (target: 5 %).
 # Sweeps write to results/gpu_check/<gpu>/<experiment>/; their table, report, plots and config and
@@ -29,8 +32,10 @@ if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
         [memory_vs_seq_len]="seq_len=64 new_tokens=2"
         [memory_vs_depth]="loops=2 seq_len=64 new_tokens=2"
         [decode_speed]="seq_len=64 new_tokens=2"
-        [capacity]="model=ouro,melt seq_len=256 new_tokens=2 chunk_size=32 budget_gb=0.003"  # chunk_size: MELT only
+        [capacity]="model=ouro,melt seq_len=256 new_tokens=2 chunk_size=32 budget_gb=0.003"
+        [policies]="loops=2 seq_len=64 new_tokens=2 repeats=0"
     )
+    snapshot_point=(model=melt size=tiny seq_len=64 new_tokens=2 loops=2 device=cpu)
 else
     gpu=$("$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.cuda.get_device_name().replace(" ", "_"))')
     out=results/gpu_check/$gpu
@@ -43,12 +48,15 @@ else
         [memory_vs_depth]="batch=1 repeats=0"
         [decode_speed]="seq_len=4096 batch=1 loops=4"
         [capacity]="seq_len=32768 loops=4 compile=false repeats=1"
+        [policies]="loops=4 seq_len=4096,16384 repeats=0"
     )
+    snapshot_point=(model=melt size=ouro-1.4b dtype=bfloat16 seq_len=4096 new_tokens=4 loops=4 device=cuda)
 fi
 
 start=$SECONDS
 # GPU_CHECK_ONLY="decode_speed capacity" runs a subset (the tests' smoke run does).
-for experiment in ${GPU_CHECK_ONLY:-memory_vs_seq_len memory_vs_depth decode_speed capacity}; do
+steps=${GPU_CHECK_ONLY:-memory_vs_seq_len memory_vs_depth decode_speed capacity policies snapshot}
+for experiment in ${steps/snapshot/}; do
     echo "gpu_check: $experiment ($((SECONDS - start)) s so far)"
     # shellcheck disable=SC2086  # the extra overrides are words on purpose
     "$PY" run_bench.py -m "experiment=$experiment" "${common[@]}" ${extra[$experiment]} \
@@ -57,7 +65,16 @@ for experiment in ${GPU_CHECK_ONLY:-memory_vs_seq_len memory_vs_depth decode_spe
     cp "$out/$experiment"/{table.csv,table.parquet,report.md,*.png} "$ref/$experiment/"
     "$PY" -m bench.portable "$out/$experiment/multirun.yaml" "$ref/$experiment/multirun.yaml"
 done
-if [[ " ${GPU_CHECK_ONLY:-memory_vs_seq_len} " == *" memory_vs_seq_len "* ]]; then
+if [[ " $steps " == *" snapshot "* ]]; then
+    echo "gpu_check: snapshot ($((SECONDS - start)) s so far)"
+    "$PY" run_bench.py "${snapshot_point[@]}" profile=snapshot repeats=0 "hydra.run.dir=$out/snapshot" "$@"
+    mkdir -p "$ref/snapshot"
+    cp "$out/snapshot/result.json" "$ref/snapshot/"
+    if [[ -f "$out/snapshot/memory_snapshot.pickle" ]]; then  # recorded on CUDA only; gzip it (memory_viz wants it unzipped)
+        gzip -c "$out/snapshot/memory_snapshot.pickle" > "$ref/snapshot/memory_snapshot.pickle.gz"
+    fi
+fi
+if [[ " $steps " == *" memory_vs_seq_len "* ]]; then
     echo "gpu_check: estimates ($((SECONDS - start)) s so far)"
     fake=(device=cpu probe=fake "${common[@]:2}")  # common starts with device=... probe=...
     # shellcheck disable=SC2086
