@@ -242,18 +242,26 @@ def _melt_flat(ok: pd.DataFrame, tolerance: float) -> list[Finding]:
     others = [c for c in IDENTITY if c != "loops"]
     findings = []
     for _, group in melt.groupby(others, dropna=False):
-        if len(group) < 2:
-            continue
-        base = group.loc[group.loops.idxmin()]
-        for column in LIMITED:
-            for r in group[group.loops > base.loops].to_dict("records"):
-                if pd.isna(r[column]) or pd.isna(base[column]):
-                    continue
-                ratio = r[column] / base[column]
-                findings.append(Finding(
-                    "melt_flat_in_loops", _name(r), ratio <= 1 + tolerance,
-                    f"{column} {int(r[column]):,} B = {ratio:.4f} x loops={int(base.loops)} "
-                    f"({int(base[column]):,} B); allowed <= {1 + tolerance:g}"))
+        findings += _flat(group, LIMITED, "melt_flat_in_loops", tolerance)
+    return findings
+
+
+def _flat(group: pd.DataFrame, columns: list[str], guard: str, tolerance: float, why: str = "") -> list[Finding]:
+    """Every row of `group` (one setting at several depths) deeper than its shallowest: each of
+    `columns` within `tolerance` of the shallowest row's."""
+    if len(group) < 2:
+        return []
+    base = group.loc[group.loops.idxmin()]
+    findings = []
+    for column in columns:
+        for r in group[group.loops > base.loops].to_dict("records"):
+            if pd.isna(r[column]) or pd.isna(base[column]):
+                continue
+            ratio = r[column] / base[column]
+            findings.append(Finding(
+                guard, _name(r), ratio <= 1 + tolerance,
+                f"{column} {int(r[column]):,} B = {ratio:.4f} x loops={int(base.loops)} "
+                f"({int(base[column]):,} B){why}; allowed <= {1 + tolerance:g}"))
     return findings
 
 
@@ -324,17 +332,7 @@ def _policy_flat(ok: pd.DataFrame, tolerance: float) -> list[Finding]:
         for column, sizes in (("peak_bytes", ["kv_bytes_analytic", "kv_decode_bytes_analytic"]),
                               ("peak_decode_bytes", ["kv_decode_bytes_analytic"])):
             for _, same in group.groupby(sizes):   # rows without the sizes (older tables) are not compared
-                if len(same) < 2:
-                    continue
-                base = same.loc[same.loops.idxmin()]
-                for r in same[same.loops > base.loops].to_dict("records"):
-                    if pd.isna(r[column]) or pd.isna(base[column]):
-                        continue
-                    ratio = r[column] / base[column]
-                    findings.append(Finding(
-                        "policy_flat_in_loops", _name(r), ratio <= 1 + tolerance,
-                        f"{column} {int(r[column]):,} B = {ratio:.4f} x loops={int(base.loops)} "
-                        f"({int(base[column]):,} B), same cache; allowed <= {1 + tolerance:g}"))
+                findings += _flat(same, [column], "policy_flat_in_loops", tolerance, ", same cache")
     return findings
 
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .report import COLORS, LABELS, SOURCES, design_label  # noqa: E402
+from .report import COLORS, LABELS, SOURCES, design_label, save_figure  # noqa: E402
 from .results import atomic_file, load_rows  # noqa: E402
 
 GB = 1e9
@@ -85,11 +85,7 @@ def plot(joined: pd.DataFrame, path: Path, teacher: str) -> None:
     ax.set_title(f"Every looped KV-cache design: memory against quality (teacher: {teacher})", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 COLUMNS_SHOWN = {"teacher": "teacher", "design": "design", "accuracy": "accuracy",

@@ -98,6 +98,15 @@ def build(src: Path | str, out: Path | str | None = None) -> pd.DataFrame:
     return df
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Write a figure atomically (a failure leaves the previous file as it was) and close it."""
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 # -- what the plots show ----------------------------------------------------------------------
 
 def schedules(df: pd.DataFrame) -> list[str]:
@@ -167,11 +176,7 @@ def _save(fig, axes, path: Path, empty_note: str | None) -> None:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                    frameon=False)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _ticked_axis(ax, values, log2: bool = True) -> None:
@@ -459,11 +464,7 @@ def plot_policies(view: pd.DataFrame, path: Path) -> None:
         axes[row][0].set_ylabel("peak memory (MiB)")
     fig.suptitle("Every cache design against loop depth (solid: peak; dashed: decode peak)", fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- where the peak goes ---------------------------------------------------------------------------
@@ -535,11 +536,7 @@ def plot_breakdown(view: pd.DataFrame, path: Path) -> None:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def timeline_pair(view: pd.DataFrame, src: Path) -> list[tuple[dict, pd.DataFrame, pd.DataFrame]]:
@@ -605,11 +602,7 @@ def plot_timelines(pair, path: Path) -> None:
     axes[-1, 0].set_xlabel("op (memory pass)")
     axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- scored texts: what each design costs in quality ------------------------------------------------
@@ -677,11 +670,7 @@ def plot_quality(df: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("perplexity of the scored tokens")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _policy_of(label: str) -> str:
@@ -798,11 +787,7 @@ def plot_capacity(table: pd.DataFrame, path: Path) -> None:
     budgets = ", ".join(f"{b:.2f}" for b in table["budget GB"].unique())
     fig.suptitle(f"capacity at a memory budget of {budgets} GB", fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
