@@ -93,7 +93,7 @@ def write_row(folder: Path, row: dict) -> Path:
 # Identity columns that tables written by earlier versions lack, and what those rows mean by them:
 # before `prefill` existed, the standard model and the LoopLM prefilled in one pass.
 LEGACY = {"checkpoint": None, "compile": None, "prefill": "one_pass", "compile_backend": None, "text": None,
-          "profile": "none"}
+          "profile": "none", "kv_ring": None, "kv_anchor": None, "kv_window": None}
 
 
 def with_legacy_columns(df: pd.DataFrame) -> pd.DataFrame:

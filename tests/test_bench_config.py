@@ -10,6 +10,10 @@ from bench.config import BenchConfig, ConfigError, register, resolve
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CPU_ONLY = ("ci", "ci_policies")  # the memory gates `make test` runs: fixed sizes, CPU
+# What an experiment needs from the command line (policy_quality scores a text through a checkpoint).
+NEEDS = {"policy_quality": (f"text={CONF.parent / 'docs' / 'models.md'}",
+                            f"checkpoint={CONF.parent / 'results' / 'reference' / 'training' / 'checkpoints' / 'teacher'}")}
 LAUNCHERS = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
 
 register()
@@ -27,16 +31,17 @@ def test_the_shipped_experiments_and_launchers_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_each_of_its_points_resolves(experiment):
-    cfg = _compose(f"experiment={experiment}")
+    extra = NEEDS.get(experiment, ())
+    cfg = _compose(f"experiment={experiment}", *extra)
     assert cfg.name == experiment
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
-    assert "model" in params or "preset" in params
+    assert {"model", "preset", "policy"} & set(params)
     # Each swept value resolves on this (CPU) machine; the measuring sweeps use the CPU size.
     for key, values in params.items():
         for value in str(values).split(","):
-            point = resolve(_without_hydra(_compose(f"experiment={experiment}", f"{key}={value}")))
+            point = resolve(_without_hydra(_compose(f"experiment={experiment}", *extra, f"{key}={value}")))
             assert point.device == "cpu"
-            if experiment not in ("ci", "paper_table2"):
+            if experiment not in CPU_ONLY + ("paper_table2",):
                 assert point.size == "small" and point.probe == "tracked"
 
 
@@ -98,7 +103,7 @@ def test_bad_values_name_field_and_allowed(kw, field):
     assert message.startswith(f"{field}: ") and "; allowed: " in message and "\n" not in message
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e != "ci"])  # ci: CPU only
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in CPU_ONLY])
 def test_gpu_choices_of_every_experiment_fit_ouro_1_4b(experiment):
     """What a GPU machine would run (checked here without one): Ouro-1.4B sizes and lengths that
     the model's positions allow."""

@@ -79,7 +79,7 @@ def sweep_job(tmp_path, monkeypatch, caplog):
     version `sha`; -> run(cfg, sha) giving (returned row, progress line, whether it measured)."""
     measured = []
 
-    def fake_measure(point):
+    def fake_measure(point, folder=None):
         measured.append(point)
         return {**dict.fromkeys(COLUMNS), **identity(point), "status": "ok", "peak_bytes": 2**20,
                 "git_sha": env.info()["git_sha"], "timestamp": "2026-02-01T00:00:00+00:00"}
