@@ -86,3 +86,77 @@ def test_a_distillation_step_lowers_the_loss(teacher_dir, policy):
         loss.backward()
         opt.step()
     assert set(parts) == {"kd", "align"} and losses[1] < losses[0]
+
+
+# -- the policies pipeline ------------------------------------------------------------------------
+
+def _compose(*overrides):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from training import config as train_config
+
+    train_config.register()
+    root = Path(__file__).resolve().parent.parent
+    with initialize_config_dir(config_dir=str(root / "conf" / "train"), version_base="1.3"):
+        return train_config.resolve(compose("config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policies.teachers=[ouro,nope]", "policies.teachers: unknown teacher set 'nope'; allowed: ouro | last_exit"),
+    ("policies.post_train=[last_exit]", "policies.post_train: ['last_exit'] names a set not in policies.teachers"),
+    ("policies.window=57", "policies.window: 57 covers a whole sequence (57 tokens)"),
+    ("policies.ring=0", "policies.ring: got 0; allowed: an integer >= 1"),
+    ("pipeline=nope", "pipeline: unknown value 'nope'; allowed: melt | policies"),
+])
+def test_bad_policies_settings_are_one_line(override, message):
+    extra = ["policies.teachers=[ouro]"] if "post_train" in override else []
+    with pytest.raises(ValueError) as e:
+        _compose("preset=policies", override, *extra)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_quick_policies_pipeline_end_to_end(tmp_path):
+    """preset=policies_quick: every policy on both teacher sets, the post-trained ones on one, the
+    exits, the drift and the run's settings written; a saved student is what was measured."""
+    import json
+
+    import pandas as pd
+
+    from models.policies import KV_SHARINGS
+    from training.policies import COLUMNS, run
+
+    c = _compose("preset=policies_quick", f"out_dir={tmp_path}")
+    run(c)
+    df = pd.read_csv(tmp_path / "quality.csv")
+    assert list(df.columns) == COLUMNS
+    for teacher in ("ouro", "last_exit"):
+        rows = df[df.teacher == teacher]
+        zero = rows[rows.training == "zero-shot"]
+        assert set(zero.policy) == set(KV_SHARINGS) - {"per_loop"} | {"loopcoder", "melt"}
+        teacher_row = rows[rows.policy == "per_loop"].iloc[0]
+        assert teacher_row.training == "pretrained" and teacher_row.accuracy_vs_teacher == 1.0
+        by = {p: r for p, r in zero.set_index("policy").iterrows()}
+        s = by["last_loop"].kv_bytes_per_token
+        assert teacher_row.kv_bytes_per_token == c.model.loops * s == by["last_loop"].prefill_kv_bytes_per_token
+        assert (by["ring"].kv_bytes_per_token, by["anchor"].kv_bytes_per_token) == (2 * s, 2 * s)
+        assert by["loopcoder"].kv_fixed_bytes == (c.model.loops - 1) * c.policies.window * s
+        assert set(rows[rows.training == "post-trained"].policy) == (
+            {"melt", "first_writes", "loopcoder"} if teacher == "ouro" else set())
+    exits = pd.read_csv(tmp_path / "exits.csv")
+    assert len(exits) == 2 * c.model.loops
+    drift = pd.read_csv(tmp_path / "drift.csv")
+    assert set(drift.teacher) == {"ouro", "last_exit"} and set(drift.layer[drift.teacher == "ouro"]) == {0, 1}
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["pipeline_wall_s"] > 0 and info["config"]["pipeline"] == "policies"
+    first_writes = df[(df.policy == "first_writes") & (df.training == "post-trained")].iloc[0]
+    student = OuroLM.from_pretrained(first_writes.checkpoint)
+    assert student.config.kv_sharing == "first_writes"
+    from training.config import task_spec, teacher_config
+    from training.policies import quality
+    from training.task import TaskData
+
+    spec = task_spec(teacher_config(c, "ouro"))
+    data = TaskData(spec, c.seed, c.batch_size, c.eval.eval_size)
+    assert quality(student, spec, data.eval_tokens)["accuracy"] == first_writes.accuracy
