@@ -101,7 +101,7 @@ class PolicySettings:
     teachers: List[str] = field(default_factory=lambda: ["ouro", "last_exit"])   # names: TEACHERS
     # Teacher sets whose rows include the post-trained policies (POST_TRAINED); the others get the
     # zero-shot rows and the standard model only.
-    post_train: List[str] = field(default_factory=lambda: ["ouro"])
+    post_train: List[str] = field(default_factory=lambda: ["ouro", "last_exit"])
     ring: int = 2             # ring: K slots per layer (loop t writes slot t mod K)
     anchor: int = 1           # anchor: A loops with a slot of their own ...
     anchor_ring: int = 1      # ... and K ring slots for the rest

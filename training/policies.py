@@ -93,9 +93,10 @@ def _describe(model: CausalLM) -> dict:
 
 
 def post_train(c: TrainConfig, policy: str, teacher: CausalLM, teacher_dir: Path, data: TaskData) -> tuple[CausalLM, float]:
-    """first_writes or loopcoder from the teacher's weights, distilled as MELT is: phase 1
-    (interpolated, KD), then phase 2 (KD + attention alignment), MELT's steps and learning rates
-    (LoopCoder's window gates take MELT's gate rate)."""
+    """MELT (pipeline.train_variant), first_writes or loopcoder from the teacher's weights, each
+    distilled as MELT is: phase 1 (interpolated, KD), then phase 2 (KD + attention alignment), with
+    MELT's steps, learning rates (LoopCoder's window gates take the gate rate) and batches.
+    -> (the student, its training seconds)"""
     if policy == "melt":
         return train_variant(c, "melt", teacher, teacher_dir, data)
     if policy == "first_writes":
@@ -114,8 +115,11 @@ def post_train(c: TrainConfig, policy: str, teacher: CausalLM, teacher_dir: Path
     return student, time.perf_counter() - start
 
 
-def run_set(c: TrainConfig, name: str, out: Path, walls: dict) -> tuple[list[dict], list[dict], list[dict]]:
-    """One teacher set -> (quality rows, exit rows, drift rows)."""
+def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
+            reused: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """One teacher set -> (quality rows, exit rows, drift rows). Adds its wall times to walls
+    ("<set>/<model>": training seconds, a reused checkpoint's saved ones; "<set>/evaluation") and
+    the checkpoints it found already trained to reused."""
     c = teacher_config(c, name)
     spec = task_spec(c)
     data = TaskData(spec, c.seed, c.batch_size, c.eval.eval_size)
@@ -131,14 +135,15 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict) -> tuple[list[dic
                "train_wall_s": None if wall is None else round(wall, 1), "note": note,
                "checkpoint": None if checkpoint is None else str(checkpoint)}
         rows.append(row)
-        walls[f"{name}/eval/{policy}/{training}"] = round(time.perf_counter() - started, 1)
+        walls[f"{name}/evaluation"] = round(walls.get(f"{name}/evaluation", 0.0) + time.perf_counter() - started, 1)
         log.info("%s / %s (%s): accuracy %.3f, held-out loss %.4f, KV %d B/token", name, policy, training,
                  row["accuracy"], row["heldout_loss"], row["kv_bytes_per_token"])
 
     log.info("teacher set %s: %s", name, TEACHERS[name][1])
     teacher_dir = ckpt / "teacher"
-    teacher, wall, reused = _pretrain(c, "ouro", data, teacher_dir)
-    walls[f"{name}/teacher"] = {"train_wall_s": round(wall, 1), "reused": reused}
+    teacher, wall, found = _pretrain(c, "ouro", data, teacher_dir)
+    walls[f"{name}/teacher"] = round(wall, 1)
+    reused += [f"{name}/teacher"] if found else []
     for policy in KV_SHARINGS:
         model = OuroLM.from_pretrained(teacher_dir, device=c.device, kv_sharing=policy, **_policy_options(c, policy))
         add(policy, "pretrained" if policy == "per_loop" else "zero-shot", model,
@@ -150,14 +155,15 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict) -> tuple[list[dic
     add("melt", "zero-shot", MeltLM.from_pretrained(teacher_dir, device=c.device, chunk_size=c.melt.chunk_size),
         None, None, "the teacher's weights, fresh latent gates")
     standard_dir = ckpt / "standard"
-    standard, wall, reused = _pretrain(c, "standard", data, standard_dir)
-    walls[f"{name}/standard"] = {"train_wall_s": round(wall, 1), "reused": reused}
+    standard, wall, found = _pretrain(c, "standard", data, standard_dir)
+    walls[f"{name}/standard"] = round(wall, 1)
+    reused += [f"{name}/standard"] if found else []
     add("standard", "pretrained", standard, wall, standard_dir, "the same layers run once, trained the same way")
 
     if name in c.policies.post_train:
         for policy in POST_TRAINED:
             student, wall = post_train(c, policy, teacher, teacher_dir, data)
-            walls[f"{name}/{policy}"] = {"train_wall_s": round(wall, 1)}
+            walls[f"{name}/{policy}"] = round(wall, 1)
             _save(student, ckpt / policy, {"policy": policy, "train_wall_s": wall, "melt": dataclasses.asdict(c.melt)})
             add(policy, "post-trained", student, wall, ckpt / policy, "distilled from the teacher (MELT's recipe)")
 
@@ -169,8 +175,10 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict) -> tuple[list[dic
     for loops in range(1, c.model.loops + 1):
         cut = OuroLM.from_pretrained(teacher_dir, device=c.device, loops=loops)
         exits.append({"teacher": name, "exit": loops, **quality(cut, spec, tokens)})
-    log.info("%s: exit accuracies %s", name, " ".join(f"{e['accuracy']:.3f}" for e in exits))
     drift = kv_drift(teacher, tokens[:c.policies.drift_size, :spec.prompt_len].to(c.device))
+    log.info("%s: exit accuracies %s; keys' cosine to the last loop's, loop by loop (mean over layers) %s", name,
+             " ".join(f"{e['accuracy']:.3f}" for e in exits),
+             " ".join(f"{v:.2f}" for v in drift[drift.kind == "keys"].groupby("loop").cos_vs_last.mean()))
     drift.insert(0, "teacher", name)
     return rows, exits, drift.to_dict("records")
 
@@ -184,16 +192,17 @@ def run(c: TrainConfig) -> list[dict]:
     log.info("task: %d tokens per sequence (prompt %d, answer %d); teacher sets %s; ring K=%d, anchor A=%d K=%d, "
              "loopcoder W=%d", spec.seq_len, spec.prompt_len, spec.answer_len, ", ".join(c.policies.teachers),
              c.policies.ring, c.policies.anchor, c.policies.anchor_ring, c.policies.window)
-    rows, exits, drift, walls = [], [], [], {}
+    rows, exits, drift, walls, reused = [], [], [], {}, []
     for name in c.policies.teachers:
-        r, e, d = run_set(c, name, out, walls)
+        r, e, d = run_set(c, name, out, walls, reused)
         rows += r
         exits += e
         drift += d
     total = time.perf_counter() - start
     run_info = {"config": dataclasses.asdict(c),
                 "teacher_sets": {t: {"settings": TEACHERS[t][0], "what": TEACHERS[t][1]} for t in c.policies.teachers},
-                "walls_s": walls, "pipeline_wall_s": round(total, 1)}
+                "reused": reused, "walls_s": walls,
+                "pipeline_wall_s": round(total, 1)}
     write_results(out, rows, exits, drift, run_info)
     log.info("done in %.0f s: %s", total, out / "quality.md")
     return rows
@@ -204,6 +213,8 @@ def write_results(out: Path, rows: list[dict], exits: list[dict], drift: list[di
     import pandas as pd
 
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    for column in ("kv_ring", "kv_anchor", "kv_window"):             # integers, empty where they do not apply
+        df[column] = df[column].astype("Int64")
     with atomic_file(out / "quality.csv") as tmp:
         df.to_csv(tmp, index=False)
     shown = df[["teacher", "policy", "training", "accuracy", "accuracy_vs_teacher", "heldout_loss",
