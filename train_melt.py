@@ -3,11 +3,13 @@
     python train_melt.py                           # the default pipeline -> results/training/
     python train_melt.py preset=quick out_dir=results/training_quick
     python train_melt.py variants=[melt,melt_last] melt.chunk_size=8
+    python train_melt.py preset=policies          # every cache policy's quality -> results/policies/
 
 Trains a LoopLM teacher (cached), turns it into MELT (phase 1: interpolated K/V, phase 2:
 attention-aligned distillation) for every variant, trains a standard model on the same data, and
-writes checkpoints, a table (CSV + Markdown) and a plot. Settings: conf/train/ and
-training/config.py.
+writes checkpoints, a table (CSV + Markdown) and a plot. pipeline=policies instead evaluates every
+cache policy zero-shot and post-trained on each teacher set (training/policies.py). Settings:
+conf/train/ and training/config.py.
 """
 
 import re
@@ -57,13 +59,13 @@ def preflight(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from training.pipeline import run
+    from training import pipeline, policies
 
     try:
         c = config.resolve(cfg)
     except ConfigError as e:  # normally caught by the preflight already
         fail(str(e))
-    run(c)
+    (policies.run if c.pipeline == "policies" else pipeline.run)(c)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""MELT post-training (spec section 5): turn a trained LoopLM into MELT on a synthetic task.
+"""MELT post-training (spec section 5): turn a trained LoopLM into MELT on a synthetic task; and
+what every looped KV-cache policy costs in quality, zero-shot and post-trained.
 
     task.py      the multi-hop lookup task, deterministic batches and the held-out set
-    student.py   the differentiable loop forward: LoopLM, MELT chunk-wise, interpolated K/V
+    student.py   the differentiable loop forwards: LoopLM, MELT chunk-wise, interpolated K/V;
+                 first_writes and loopcoder (the policies post-trained like MELT)
     trainer.py   losses, parameter groups, the teacher / phase 1 / phase 2 training loops
     evaluate.py  accuracy through each model's cached generate, held-out loss, memory
     pipeline.py  teacher, MELT variants, standard model -> checkpoints, table and plot
+    policies.py  per teacher set, every cache policy zero-shot and post-trained -> quality.csv,
+                 exits, K/V drift (train_melt.py preset=policies)
     config.py    TrainConfig (the Hydra schema of train_melt.py) and its checks
 """

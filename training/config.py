@@ -6,6 +6,7 @@ Every bad value raises models.ConfigError, whose message is one line:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,19 @@ VARIANTS = {
     "melt_no_alignment": ("gated", True, False, True),
     "melt_no_chunkwise": ("gated", True, True, False),
 }
+
+
+# Teacher sets of the policies pipeline (pipeline=policies): name -> (the settings in which the
+# teacher differs from the config's own, what it stands for). Each set trains its own teacher and
+# standard model; its rows are every cache policy on that teacher.
+TEACHERS = {
+    "ouro": ({"model.num_hidden_layers": 2, "teacher.exit_loss": "mean"},
+             "trained like Ouro: the loss at every loop exit, so every loop is a usable model; 2 layers"),
+    "last_exit": ({"model.num_hidden_layers": 1, "teacher.exit_loss": "last"},
+                  "train_melt.py's teacher: 1 layer, the loss at the last exit only"),
+}
+# The policies that are post-trained like MELT (distilled from the teacher), beside MELT itself.
+POST_TRAINED = ("melt", "first_writes", "loopcoder")
 
 
 @dataclass
@@ -82,8 +96,23 @@ class EvalSettings:
 
 
 @dataclass
+class PolicySettings:
+    """The policies pipeline (pipeline=policies): every cache policy on each teacher set."""
+    teachers: List[str] = field(default_factory=lambda: ["ouro", "last_exit"])   # names: TEACHERS
+    # Teacher sets whose rows include the post-trained policies (POST_TRAINED); the others get the
+    # zero-shot rows and the standard model only.
+    post_train: List[str] = field(default_factory=lambda: ["ouro", "last_exit"])
+    ring: int = 2             # ring: K slots per layer (loop t writes slot t mod K)
+    anchor: int = 1           # anchor: A loops with a slot of their own ...
+    anchor_ring: int = 1      # ... and K ring slots for the rest
+    window: int = 8           # loopcoder: the local window W, below the task's sequence length
+    drift_size: int = 64      # held-out prompts the K/V drift is measured on
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "results/training"
+    pipeline: str = "melt"        # melt: MELT and its ablations; policies: every cache policy (PolicySettings)
     seed: int = 0
     device: str = "cpu"
     threads: int = 1              # torch CPU threads; 1 is fastest for these tiny models on a shared CPU
@@ -98,6 +127,7 @@ class TrainConfig:
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     melt: MeltSettings = field(default_factory=MeltSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    policies: PolicySettings = field(default_factory=PolicySettings)
 
 
 def register() -> None:
@@ -131,10 +161,12 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
     unknown = [v for v in c.variants if v not in VARIANTS]
     if unknown:
         raise ConfigError("variants", f"unknown variant {unknown[0]!r}", " | ".join(VARIANTS))
-    for group in ("task", "model", "teacher", "melt", "eval"):
+    if c.pipeline not in ("melt", "policies"):
+        raise ConfigError("pipeline", f"unknown value {c.pipeline!r}", "melt | policies")
+    for group in ("task", "model", "teacher", "melt", "eval", "policies"):
         for f in dataclasses.fields(getattr(c, group)):
             value, name = getattr(getattr(c, group), f.name), f"{group}.{f.name}"
-            if f.type in ("str", str):
+            if f.type in ("str", str) or group == "policies" and f.name in ("teachers", "post_train"):
                 continue
             if f.type in ("int", int):
                 _positive(name, value, allow_zero=f.name in ("warmup", "phase1_steps", "phase2_steps"))
@@ -150,14 +182,45 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if c.model.hidden_size % c.model.num_attention_heads or (c.model.hidden_size // c.model.num_attention_heads) % 2:
         raise ConfigError("model.num_attention_heads", f"{c.model.num_attention_heads} heads for hidden_size "
                           f"{c.model.hidden_size}", "a divisor of hidden_size leaving an even head size")
-    spec = task_spec(c)
-    if max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len) > c.model.max_position_embeddings:
-        raise ConfigError("model.max_position_embeddings", f"{c.model.max_position_embeddings} is shorter than "
-                          f"a sequence ({spec.seq_len}) or the long prompt ({c.eval.long_prompt_len} + "
-                          f"{spec.answer_len})", f">= {max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len)}")
+    p = c.policies
+    for name, names in (("policies.teachers", p.teachers), ("policies.post_train", p.post_train)):
+        unknown = [t for t in names if t not in TEACHERS]
+        if unknown:
+            raise ConfigError(name, f"unknown teacher set {unknown[0]!r}", " | ".join(TEACHERS))
+    if c.pipeline == "policies":
+        if not p.teachers:
+            raise ConfigError("policies.teachers", "empty", f"a list of {' | '.join(TEACHERS)}")
+        if [t for t in p.post_train if t not in p.teachers]:
+            raise ConfigError("policies.post_train", f"{p.post_train} names a set not in policies.teachers "
+                              f"{p.teachers}", "a subset of policies.teachers")
+        for t in p.teachers:  # each set's own settings, checked like the config's
+            _check_sizes(teacher_config(c, t), prefix=f"{t} teacher set: ")
+        if p.window >= task_spec(c).seq_len:
+            raise ConfigError("policies.window", f"{p.window} covers a whole sequence "
+                              f"({task_spec(c).seq_len} tokens), so loopcoder would be per_loop",
+                              f"an integer in 1..{task_spec(c).seq_len - 1}")
+    else:
+        _check_sizes(c)
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise ConfigError("out_dir", f"{c.out_dir} is a file", "a folder (created if missing)")
     return c
+
+
+def teacher_config(c: TrainConfig, name: str) -> TrainConfig:
+    """The config of teacher set `name` (TEACHERS): c with the set's settings."""
+    out = copy.deepcopy(c)
+    for key, value in TEACHERS[name][0].items():
+        group, field_name = key.split(".")
+        setattr(getattr(out, group), field_name, value)
+    return out
+
+
+def _check_sizes(c: TrainConfig, prefix: str = "") -> None:
+    spec = task_spec(c)
+    if max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len) > c.model.max_position_embeddings:
+        raise ConfigError("model.max_position_embeddings", f"{prefix}{c.model.max_position_embeddings} is shorter than "
+                          f"a sequence ({spec.seq_len}) or the long prompt ({c.eval.long_prompt_len} + "
+                          f"{spec.answer_len})", f">= {max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len)}")
 
 
 def task_spec(c: TrainConfig) -> "TaskSpec":

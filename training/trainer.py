@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from models.layers import CausalLM
 
-from .student import LoopOutputs, loop_forward
+from .student import LoopOutputs, loop_forward, training_forward
 from .task import TaskData, targets
 
 log = logging.getLogger("train")
@@ -56,10 +56,14 @@ def align_loss(student: LoopOutputs, teacher: LoopOutputs) -> torch.Tensor:
                         for s, t in zip(student.attn_outputs, teacher.attn_outputs)]).mean()
 
 
+GATES = ("latent_gates", "window_gates")   # parameters a post-trained model adds to the LoopLM's
+
+
 def param_groups(model: CausalLM, lr_pretrained: float, lr_gate: float, weight_decay: float) -> list[dict]:
-    """Two groups: the LoopLM's weights (pretrained) and the latent gates' (new), each its own lr."""
-    gates = getattr(model.model, "latent_gates", None)
-    gate_ids = {id(p) for p in gates.parameters()} if gates is not None else set()
+    """Two groups: the LoopLM's weights (pretrained) and the new gates' (MELT's latent gates,
+    LoopCoder's window gates), each its own lr; one group for a model without gates."""
+    gate_ids = {id(p) for name in GATES if hasattr(model.model, name)
+                for p in getattr(model.model, name).parameters()}
     pretrained = [p for p in model.parameters() if id(p) not in gate_ids]
     gate = [p for p in model.parameters() if id(p) in gate_ids]
     groups = [{"params": pretrained, "lr": lr_pretrained, "weight_decay": weight_decay, "name": "pretrained"}]
@@ -131,7 +135,7 @@ def distill_loss(student: CausalLM, teacher: CausalLM, tokens: torch.Tensor, mas
     capture = align_weight > 0
     with torch.no_grad():
         t_out = loop_forward(teacher, tokens, alpha=0.0, capture=capture)
-    s_out = loop_forward(student, tokens, chunk_size=chunk_size, alpha=alpha, capture=capture)
+    s_out = training_forward(student, tokens, chunk_size=chunk_size, alpha=alpha, capture=capture)
     kd = kd_loss(s_out, t_out, mask)
     if not capture:
         return kd, {"kd": kd.item()}
@@ -142,8 +146,8 @@ def distill_loss(student: CausalLM, teacher: CausalLM, tokens: torch.Tensor, mas
 def distill(student: CausalLM, teacher: CausalLM, data: TaskData, sched: Schedule, *,
             lr_pretrained: float, lr_gate: float, chunk_size: int | None, phase: int,
             align_weight: float = 0.1, weight_decay: float = 0.0, what: str = "melt") -> list[float]:
-    """One MELT post-training phase. phase 1: alpha ramps linearly from 0 (first step) to 1 (last
-    step), loss KD. phase 2: alpha = 1, loss KD + align_weight * align (align_weight 0 = the
+    """One post-training phase (MELT, or a cache policy with a training forward: student.py).
+    phase 1: alpha ramps linearly from 0 (first step) to 1 (last step), loss KD. phase 2: alpha = 1, loss KD + align_weight * align (align_weight 0 = the
     no-alignment ablation). chunk_size None: one chunk (the no-chunk-wise ablation)."""
     student.train()
     teacher.eval()
