@@ -218,7 +218,10 @@ def write_results(out: Path, rows: list[dict], exits: list[dict], drift: list[di
     with atomic_file(out / "quality.csv") as tmp:
         df.to_csv(tmp, index=False)
     shown = df[["teacher", "policy", "training", "accuracy", "accuracy_vs_teacher", "heldout_loss",
-                "kv_bytes_per_token", "train_wall_s"]]
+                "kv_bytes_per_token", "train_wall_s"]].copy()
+    # whole seconds; empty where the row was not trained
+    shown["train_wall_s"] = pd.Series(["" if pd.isna(s) else round(s) for s in shown["train_wall_s"]],
+                                      index=shown.index, dtype=object)
     with atomic_file(out / "quality.md") as tmp:
         tmp.write_text(shown.to_markdown(index=False, floatfmt=".3f") + "\n")
     with atomic_file(out / "exits.csv") as tmp:
