@@ -374,7 +374,9 @@ def markdown(df: pd.DataFrame, view: pd.DataFrame, title: str) -> str:
                   frontier.reset_index().rename(columns={"series": "model"})
                   .to_markdown(index=False), ""]
     lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
-    table = df[["model", "loops", "seq_len", "batch", "scenario", "prefill", "status"]].copy()
+    # The design column names the cache policy where the sweep has more designs than the models.
+    design = ["policy"] if "policy" in df and df.policy.nunique() > df.model.nunique() else []
+    table = df[["model", *design, "loops", "seq_len", "batch", "scenario", "prefill", "status"]].copy()
     for name, (column, unit) in TABLE_COLUMNS.items():
         table[name] = df[column] / unit
     lines += ["## All points", "", table.to_markdown(index=False, floatfmt=".1f"), ""]
