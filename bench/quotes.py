@@ -43,6 +43,7 @@ CPU_ONE_PASS = "results/reference/cpu-one-pass"
 SPEED = "results/reference/cpu-speed"
 TRAINING = "results/reference/training"
 PAPER = "results/reference/paper_table2"
+POLICIES = "results/reference/policies"
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,81 @@ def training_pipeline_wall(root: Path) -> str:
     return f"{round(seconds / 60)} min"
 
 
+# What each design keeps per layer (N layers, T loops); the formulas of models/policies.py and the
+# models' nbytes().
+KEEPS = {"standard": "1 slot", "per_loop": "T slots", "last_loop": "T slots, 1 after the prefill",
+         "first_loop": "T slots, 1 after the prefill", "mean_loops": "T slots, 1 after the prefill",
+         "ring": "K slots", "anchor": "A + K slots", "first_writes": "1 slot (loop 0 writes)",
+         "melt": "1 gated slot", "loopcoder": "1 slot + (T - 1) windows of W rows"}
+
+
+def _policies(root: Path) -> pd.DataFrame:
+    return _csv(root / POLICIES / "table.csv")
+
+
+def _accuracy(df: pd.DataFrame, policy: str, teacher: str, training: tuple[str, ...]) -> str:
+    rows = df[(df.policy == policy) & (df.teacher == teacher) & df.training.isin(training)]
+    return f"{float(rows.accuracy_vs_teacher.iloc[0]):.3f}" if len(rows) == 1 else ""
+
+
+def policies_summary(root: Path) -> str:
+    """Per design: what it keeps, where it comes from, its KV cache per token while decoding and its
+    decode peak at Ouro-1.4B, and the accuracy it keeps of the teacher's on the task."""
+    df = _policies(root)
+    rows = []
+    for design in df.drop_duplicates("policy").itertuples():
+        rows.append([_design(design.policy), KEEPS.get(design.policy, ""), design.source,
+                     f"{design.ouro_kv_per_token_decode / 1e6:.3f}", f"{design.ouro_decode_peak_gb:.1f}",
+                     _accuracy(df, design.policy, "ouro", ("zero-shot", "pretrained")),
+                     _accuracy(df, design.policy, "last_exit", ("zero-shot", "pretrained")),
+                     _accuracy(df, design.policy, "last_exit", ("post-trained",))])
+    return _markdown(["design", "keeps per layer", "from", "KV MB/token", "decode peak GB",
+                      "zero-shot, ouro", "zero-shot, last_exit", "post-trained, last_exit"], rows, left=3)
+
+
+def policies_memory(root: Path) -> str:
+    """Per design at Ouro-1.4B (fake probe): KV per token in prefill and decode, both peaks."""
+    df = _policies(root).drop_duplicates("policy")
+    rows = [[_design(d.policy), f"{d.ouro_kv_per_token / 1e6:.3f}", f"{d.ouro_kv_per_token_decode / 1e6:.3f}",
+             f"{d.ouro_prefill_peak_gb:.2f}", f"{d.ouro_decode_peak_gb:.2f}"] for d in df.itertuples()]
+    return _markdown(["design", "KV MB/token, prefill", "KV MB/token, decode", "prefill peak GB",
+                      "decode peak GB"], rows)
+
+
+def policies_quality(root: Path) -> str:
+    """Per design, under each teacher: the accuracy it keeps of the teacher's, with the teacher's
+    weights (zero-shot; pretrained for the teacher and the standard model) and post-trained."""
+    df = _policies(root)
+    teachers = list(dict.fromkeys(df.teacher))
+    rows = [[_design(policy)] + [_accuracy(df, policy, teacher, training) for teacher in teachers
+                                 for training in (("zero-shot", "pretrained"), ("post-trained",))]
+            for policy in dict.fromkeys(df.policy)]
+    return _markdown(["design", *[f"{t}: {w}" for t in teachers for w in ("zero-shot", "post-trained")]], rows)
+
+
+def _design(policy: str) -> str:
+    from .report import LABELS
+
+    return LABELS.get(policy, policy)
+
+
+def policies_drift(root: Path) -> str:
+    """Each teacher's keys and values at loop 0 and the loop before the last, against the last
+    loop's: cosine similarity over the tokens."""
+    df = _csv(root / POLICIES / "drift.csv")
+    rows = []
+    for (teacher, layer, kind), g in df.groupby(["teacher", "layer", "kind"], sort=False):
+        last = g.loop.max()
+        rows.append([teacher, str(layer), kind] + [f"{_at(g, 'cos_vs_last', loop=t):.2f}" for t in range(last)])
+    loops = int(df.loop.max())
+    return _markdown(["teacher", "layer", "kind", *[f"loop {t}" for t in range(loops)]], rows, left=3)
+
+
+def policies_pipeline_wall(root: Path) -> str:
+    seconds = json.loads((root / POLICIES / "run.json").read_text())["pipeline_wall_s"]
+    return f"{round(seconds / 60)} min"
+
+
 QUOTES: dict[str, Quote] = {
     "cpu.headline": Quote((f"{CPU}/table.csv",), cpu_headline, table=True),
     "cpu.loops1": Quote((f"{CPU}/table.csv",), cpu_loops1, table=True),
@@ -226,6 +302,11 @@ QUOTES: dict[str, Quote] = {
                                       lambda root: f"{_training(root, 'accuracy_vs_teacher'):.3f}"),
     "training.melt_kv_fraction": Quote((f"{TRAINING}/table.csv",), training_kv_fraction),
     "training.pipeline_wall": Quote((f"{TRAINING}/run.json",), training_pipeline_wall),
+    "policies.summary": Quote((f"{POLICIES}/table.csv",), policies_summary, table=True),
+    "policies.memory": Quote((f"{POLICIES}/table.csv",), policies_memory, table=True),
+    "policies.quality": Quote((f"{POLICIES}/table.csv",), policies_quality, table=True),
+    "policies.drift": Quote((f"{POLICIES}/drift.csv",), policies_drift, table=True),
+    "policies.pipeline_wall": Quote((f"{POLICIES}/run.json",), policies_pipeline_wall),
 }
 
 

@@ -300,6 +300,9 @@ def _progress(job_num: int, row: dict, what: str) -> None:
             figures += f", decode {row['decode_tokens_per_s']:.1f} tok/s"
     elif row.get("error"):
         figures = row["error"]
+    from .report import design_label
+
+    design = design_label(row) if row.get("policy") else row["model"]  # 'LoopLM ring (K=2)', 'MELT', ...
     log.info("point %d of %s | elapsed %s | %s loops=%s seq_len=%s batch=%s: %s%s",
-             job_num + 1, total, elapsed, row["model"], row["loops"], row["seq_len"], row["batch"],
+             job_num + 1, total, elapsed, design, row["loops"], row["seq_len"], row["batch"],
              what, f" | {figures}" if figures else "")

@@ -89,6 +89,23 @@ EXPENSIVE = {
     "dtype=bfloat16 seq_len=32768 budget_gb=80 model=standard,ouro,melt "
     "hydra.sweep.dir=results/cpu-speed/capacity_fake_ouro-1.4b_32k":
         "a capacity search at Ouro-1.4B shapes under the fake probe: about a quarter of an hour",
+    f"{PY} run_bench.py policy=ring kv_ring=2 loops=4 seq_len=1024":
+        "a point of about 15 s, past the cheap set's budget; tests/test_bench_config.py composes "
+        "every policy= choice and tests/test_policies.py runs each design",
+    f"{PY} run_bench.py -m experiment=policies": "ten designs, five depths, two lengths at size small: tens of minutes",
+    f"{PY} train_melt.py preset=policies out_dir=results/reference/policies":
+        "retrains six post-trained models into the committed run: about a quarter of an hour; "
+        "tests/test_policy_training.py runs the quick preset",
+    f"OMP_NUM_THREADS=1 {PY} run_bench.py -m experiment=policies probe=fake size=ouro-1.4b dtype=bfloat16 "
+    "loops=4 seq_len=32768 repeats=0 name=policies_ouro_fake":
+        "ten designs at Ouro-1.4B shapes and 32K tokens under the fake probe: about 25 minutes",
+    f"{PY} -m bench.policies results/reference/policies/quality.csv results/policies_ouro_fake "
+    "--out results/reference/policies":
+        "needs results/policies_ouro_fake from the sweep above; tests/test_policies_table.py runs "
+        "bench.policies on the committed sweep",
+    f"{PY} run_bench.py -m experiment=policy_quality checkpoint=ByteDance/Ouro-1.4B text=docs/models.md":
+        "downloads Ouro-1.4B from the hub; tests/test_policy_quality.py runs the experiment on a "
+        "tiny checkpoint",
     "scripts/gpu_check.sh": "needs a CUDA GPU",
     "GPU_CHECK_SMOKE=1 scripts/gpu_check.sh": "about a minute; tests/test_speed_bench.py runs it",
     'GPU_CHECK_ONLY="decode_speed capacity" scripts/gpu_check.sh':
