@@ -92,7 +92,7 @@ EXPENSIVE = {
     f"{PY} run_bench.py policy=ring kv_ring=2 loops=4 seq_len=1024":
         "a point of about 15 s, past the cheap set's budget; tests/test_bench_config.py composes "
         "every policy= choice and tests/test_policies.py runs each design",
-    f"{PY} run_bench.py -m experiment=policies": "ten designs, five depths, two lengths at size small: tens of minutes",
+    f"{PY} run_bench.py -m experiment=policies": "100 points at size small: about 8 minutes on 2 cores",
     f"{PY} train_melt.py preset=policies out_dir=results/reference/policies":
         "retrains six post-trained models into the committed run: about a quarter of an hour; "
         "tests/test_policy_training.py runs the quick preset",
