@@ -43,11 +43,11 @@ EXPENSIVE = {
     "make bench": "installs the venv, then the default sweep: minutes of CPU",
     "make test": "installs the venv, then the whole test suite, this test included: minutes",
     "make bench ceilings": "the default sweep first, as make bench",
-    f"{PY} run_bench.py -m experiment=memory_vs_depth": "a sweep of 11 points: a minute or more",
+    f"{PY} run_bench.py -m experiment=memory_vs_depth": "a sweep of 11 points: about two minutes",
     f"{PY} run_bench.py -m experiment=default prefill=one_pass name=default_one_pass":
         "the default sweep, one-pass prefill: minutes",
     f"{PY} run_bench.py -m model=standard,ouro,melt loops=1,2,4,8 seq_len=512,2048":
-        "a sweep of 18 points: a minute or more",
+        "a sweep of 24 points: minutes",
     f"{PY} run_bench.py -m probe=fake size=ouro-1.4b dtype=bfloat16 loops=4 seq_len=32000 "
     "model=standard,ouro,melt new_tokens=4":
         "Ouro-1.4B shapes at 32K tokens under the fake probe: a few minutes",
