@@ -88,7 +88,7 @@ EXPENSIVE = {
     f"OMP_NUM_THREADS=1 {PY} run_bench.py -m experiment=capacity probe=fake size=ouro-1.4b "
     "dtype=bfloat16 seq_len=32768 budget_gb=80 model=standard,ouro,melt "
     "hydra.sweep.dir=results/cpu-speed/capacity_fake_ouro-1.4b_32k":
-        "a capacity search at Ouro-1.4B shapes under the fake probe: about a quarter of an hour",
+        "a capacity search at Ouro-1.4B shapes under the fake probe: about half an hour on one thread",
     f"{PY} run_bench.py policy=ring kv_ring=2 loops=4 seq_len=1024":
         "a point of about 15 s, past the cheap set's budget; tests/test_bench_config.py composes "
         "every policy= choice and tests/test_policies.py runs each design",
