@@ -17,3 +17,18 @@ def run_bench():
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def save_random_looplm(folder: Path, config) -> Path:
+    """A LoopLM of `config` with a larger random init (so that loops and gates change the logits
+    visibly), saved in the Hugging Face layout to `folder`."""
+    import torch
+
+    from models import build_from_config
+
+    torch.manual_seed(0)
+    teacher = build_from_config(config)
+    with torch.no_grad():
+        teacher.init_weights(std=0.2)
+    teacher.save_pretrained(folder)
+    return folder

@@ -3,8 +3,9 @@ against the inference models, a distillation step, and the policies pipeline end
 
 import pytest
 import torch
+from conftest import save_random_looplm
 
-from models import LoopCoderLM, OuroLM, build_from_config, make_config
+from models import LoopCoderLM, OuroLM, make_config
 from training.student import loop_forward, policy_forward
 from training.task import TaskSpec, make_batch
 from training.trainer import distill_loss, param_groups
@@ -14,15 +15,9 @@ SPEC = TaskSpec(num_symbols=6, chain=2, blocks=3, max_hops=2)   # 34 tokens
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    """A random 2-layer LoopLM of 3 loops (larger init, so that loops and gates change the logits
-    visibly), saved."""
-    torch.manual_seed(0)
-    teacher = build_from_config(make_config("ouro", "tiny", loops=3, vocab_size=SPEC.vocab_size))
-    with torch.no_grad():
-        teacher.init_weights(std=0.2)
-    folder = tmp_path_factory.mktemp("teacher")
-    teacher.save_pretrained(folder)
-    return folder
+    """A random 2-layer LoopLM of 3 loops, saved."""
+    config = make_config("ouro", "tiny", loops=3, vocab_size=SPEC.vocab_size)
+    return save_random_looplm(tmp_path_factory.mktemp("teacher"), config)
 
 
 def _batch(n=3, seed=0):

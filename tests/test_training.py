@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_random_looplm
 from hydra import compose, initialize_config_dir
 
 from bench.config import BenchConfig, ConfigError, resolve as bench_resolve
@@ -29,14 +30,8 @@ def _config(arch, **kw):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    """A random LoopLM (larger init, so that loops and gates change the logits visibly), saved."""
-    torch.manual_seed(0)
-    teacher = build_from_config(_config("ouro"))
-    with torch.no_grad():
-        teacher.init_weights(std=0.2)
-    folder = tmp_path_factory.mktemp("teacher")
-    teacher.save_pretrained(folder)
-    return folder
+    """A random LoopLM, saved."""
+    return save_random_looplm(tmp_path_factory.mktemp("teacher"), _config("ouro"))
 
 
 def _batch(n=3, seed=0):
