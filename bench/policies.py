@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .report import COLORS, LABELS, SOURCES, design_label, save_figure  # noqa: E402
+from .report import COLORS, SOURCES, design_label, save_figure  # noqa: E402
 from .results import atomic_file, load_rows  # noqa: E402
 
 GB = 1e9

@@ -73,26 +73,52 @@ def decode_token_by_token(model, ids: torch.Tensor, prompt_len: int, **kwargs) -
 
 
 # -- an independent reference, straight from melt-spec ----------------------------------------------
+class SpecOps:
+    """The shared layer's pieces the slow, obvious way, in float64 from a model's weights (melt-spec
+    section 1): x is one token's vector, p a layer's prefix ("model.layers.3")."""
+
+    def __init__(self, model):
+        c = self.config = model.config
+        self.W = {k: v.double() for k, v in model.state_dict().items()}
+        self.H, self.Hkv, self.D, self.eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+
+    def lin(self, x, name):
+        y = x @ self.W[f"{name}.weight"].T
+        return y + self.W[f"{name}.bias"] if f"{name}.bias" in self.W else y
+
+    def norm(self, x, name):
+        return self.W[f"{name}.weight"] * x / torch.sqrt(x.pow(2).mean() + self.eps)
+
+    def rope(self, x, pos):  # x [heads, D]
+        D = self.D
+        angle = pos / self.config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+        cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
+        return x * cos + torch.cat([-x[:, D // 2:], x[:, :D // 2]], dim=-1) * sin
+
+    def attend(self, q, keys, values):  # q [H, D]; keys, values [n, Hkv, D] -> [H, D]
+        group = self.H // self.Hkv
+        return torch.stack([torch.softmax(keys[:, h // group] @ q[h] / self.D**0.5, dim=0) @ values[:, h // group]
+                            for h in range(self.H)])
+
+    def attention_out(self, x, heads, p):  # x + the attention sublayer's normed output
+        return x + self.norm(self.lin(heads.reshape(-1), f"{p}.self_attn.o_proj"), f"{p}.input_layernorm_2")
+
+    def mlp_block(self, x, p):  # x + the MLP sublayer's normed output
+        m = self.norm(x, f"{p}.post_attention_layernorm")
+        mlp = self.lin(torch.nn.functional.silu(self.lin(m, f"{p}.mlp.gate_proj")) * self.lin(m, f"{p}.mlp.up_proj"),
+                       f"{p}.mlp.down_proj")
+        return x + self.norm(mlp, f"{p}.post_attention_layernorm_2")
+
+
 def reference_logits(model, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Logits computed the slow, obvious way in float64 from the model's weights: one token at a
     time, explicit RMSNorm, RoPE, softmax and per-slot caches, following melt-spec sections 1-4
     (LoopLM: slot per (loop, layer); MELT: one slot per layer, rows overwritten loop by loop in
     chunks, gate z = sigmoid(u W_z + h_prev U_z + b_z), h_prev = u at loop 1)."""
     c = model.config
-    W = {k: v.double() for k, v in model.state_dict().items()}
-    H, Hkv, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-
-    def lin(x, name):
-        y = x @ W[f"{name}.weight"].T
-        return y + W[f"{name}.bias"] if f"{name}.bias" in W else y
-
-    def norm(x, name):
-        return W[f"{name}.weight"] * x / torch.sqrt(x.pow(2).mean() + eps)
-
-    def rope(x, pos):  # x [heads, D]
-        angle = pos / c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-        cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
-        return x * cos + torch.cat([-x[:, D // 2:], x[:, :D // 2]], dim=-1) * sin
+    ops = SpecOps(model)
+    W, lin, norm, rope = ops.W, ops.lin, ops.norm, ops.rope
+    H, Hkv, D = ops.H, ops.Hkv, ops.D
 
     loops = c.loops
     L = ids.shape[1]
@@ -123,18 +149,9 @@ def reference_logits(model, ids: torch.Tensor, chunk_size: int | None = None) ->
                         q = rope(lin(u[i], f"{p}.self_attn.q_proj").view(H, D), i)
                         k = torch.stack([keys[slot][j] for j in range(i + 1)])      # [i+1, Hkv, D]
                         v = torch.stack([values[slot][j] for j in range(i + 1)])
-                        heads = []
-                        for head in range(H):
-                            kv_head = head // (H // Hkv)
-                            p_attn = torch.softmax(k[:, kv_head] @ q[head] / D**0.5, dim=0)
-                            heads.append(p_attn @ v[:, kv_head])
-                        attn = lin(torch.cat(heads), f"{p}.self_attn.o_proj")
-                        x[i] = x[i] + norm(attn, f"{p}.input_layernorm_2")
+                        x[i] = ops.attention_out(x[i], ops.attend(q, k, v), p)
                     for i in chunk:
-                        m = norm(x[i], f"{p}.post_attention_layernorm")
-                        mlp = lin(torch.nn.functional.silu(lin(m, f"{p}.mlp.gate_proj")) * lin(m, f"{p}.mlp.up_proj"),
-                                  f"{p}.mlp.down_proj")
-                        x[i] = x[i] + norm(mlp, f"{p}.post_attention_layernorm_2")
+                        x[i] = ops.mlp_block(x[i], p)
                 x = {i: norm(x[i], "model.norm") for i in chunk}   # s_t: exit t, input of loop t+1
             for i in chunk:
                 final[i] = lin(x[i], "lm_head")

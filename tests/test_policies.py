@@ -11,7 +11,7 @@ from bench.config import BenchConfig, resolve
 from bench.runner import measure
 from models import build_model
 from models.policies import POLICIES
-from test_models import TOL, tokens
+from test_models import TOL, SpecOps, tokens
 
 
 @pytest.fixture(autouse=True)
@@ -26,27 +26,9 @@ def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int 
     writing the K/V store its policy names (cache-policies.md), from the model's weights."""
     c = model.config
     policy = POLICIES[c.kv_sharing]
-    N, T, H, Hkv, D, eps = (c.num_hidden_layers, c.loops, c.num_attention_heads, c.num_key_value_heads,
-                            c.head_dim, c.rms_norm_eps)
-    W = {k: v.double() for k, v in model.state_dict().items()}
-
-    def lin(x, name):
-        return x @ W[f"{name}.weight"].T
-
-    def norm(x, name):
-        return W[f"{name}.weight"] * x / torch.sqrt(x.pow(2).mean() + eps)
-
-    def rope(x, pos):
-        angle = pos / c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-        cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
-        return x * cos + torch.cat([-x[:, D // 2:], x[:, :D // 2]], dim=-1) * sin
-
-    def attention(q, keys, values):  # q [H, D]; keys, values [n, Hkv, D]
-        heads = []
-        for head in range(H):
-            p = torch.softmax(keys[:, head // (H // Hkv)] @ q[head] / D**0.5, dim=0)
-            heads.append(p @ values[:, head // (H // Hkv)])
-        return torch.cat(heads)
+    ops = SpecOps(model)
+    N, T, H, Hkv, D = c.num_hidden_layers, c.loops, ops.H, ops.Hkv, ops.D
+    W, lin, norm, rope = ops.W, ops.lin, ops.norm, ops.rope
 
     out = []
     for row in ids:
@@ -71,14 +53,10 @@ def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int 
                     for i in block:
                         rows = [store[(group, l)][j] for j in range(i + 1)]
                         q = rope(lin(u[i], f"{p}.self_attn.q_proj").view(H, D), i)
-                        attn = lin(attention(q, torch.stack([k for k, _ in rows]), torch.stack([v for _, v in rows])),
-                                   f"{p}.self_attn.o_proj")
-                        x[i] = x[i] + norm(attn, f"{p}.input_layernorm_2")
+                        heads = ops.attend(q, torch.stack([k for k, _ in rows]), torch.stack([v for _, v in rows]))
+                        x[i] = ops.attention_out(x[i], heads, p)
                     for i in block:
-                        m = norm(x[i], f"{p}.post_attention_layernorm")
-                        mlp = lin(torch.nn.functional.silu(lin(m, f"{p}.mlp.gate_proj")) * lin(m, f"{p}.mlp.up_proj"),
-                                  f"{p}.mlp.down_proj")
-                        x[i] = x[i] + norm(mlp, f"{p}.post_attention_layernorm_2")
+                        x[i] = ops.mlp_block(x[i], p)
                 x = {i: norm(x[i], "model.norm") for i in block}
             if decoding and policy.merge in ("first", "mean"):   # what a decoded token's row keeps
                 for (l, i), kvs in own.items():
@@ -262,25 +240,12 @@ def loopcoder_reference(model, ids: torch.Tensor) -> torch.Tensor:
     schedule): loop 0 stores its K/V globally; loop t >= 1 mixes attention over loop 0's K/V of
     tokens <= i and over its own K/V of tokens i-W+1..i, per head by sigmoid(q . w + b)."""
     c = model.config
-    N, T, H, Hkv, D, eps, W_ = (c.num_hidden_layers, c.loops, c.num_attention_heads, c.num_key_value_heads,
-                                c.head_dim, c.rms_norm_eps, c.kv_window)
-    W = {k: v.double() for k, v in model.state_dict().items()}
-
-    def lin(x, name):
-        return x @ W[f"{name}.weight"].T
-
-    def norm(x, name):
-        return W[f"{name}.weight"] * x / torch.sqrt(x.pow(2).mean() + eps)
-
-    def rope(x, pos):
-        angle = pos / c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-        cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
-        return x * cos + torch.cat([-x[:, D // 2:], x[:, :D // 2]], dim=-1) * sin
+    ops = SpecOps(model)
+    N, T, H, Hkv, D, window = c.num_hidden_layers, c.loops, ops.H, ops.Hkv, ops.D, c.kv_window
+    W, lin, norm, rope = ops.W, ops.lin, ops.norm, ops.rope
 
     def heads(q, kvs):  # q [H, D]; kvs [(k, v) [Hkv, D]] -> [H, D]
-        k, v = torch.stack([a for a, _ in kvs]), torch.stack([b for _, b in kvs])
-        return torch.stack([torch.softmax(k[:, h // (H // Hkv)] @ q[h] / D**0.5, 0) @ v[:, h // (H // Hkv)]
-                            for h in range(H)])
+        return ops.attend(q, torch.stack([a for a, _ in kvs]), torch.stack([b for _, b in kvs]))
 
     out = []
     for row in ids:
@@ -299,14 +264,11 @@ def loopcoder_reference(model, ids: torch.Tensor) -> torch.Tensor:
                     if t == 0:
                         mixed = glob
                     else:
-                        local = heads(q, [store[(t, l)][j] for j in range(max(0, i - W_ + 1), i + 1)])
+                        local = heads(q, [store[(t, l)][j] for j in range(max(0, i - window + 1), i + 1)])
                         g = torch.sigmoid((q * W[f"model.window_gates.{l}.weight"]).sum(-1)
                                           + W[f"model.window_gates.{l}.bias"])[:, None]
                         mixed = g * glob + (1 - g) * local
-                    x = x + norm(lin(mixed.reshape(-1), f"{p}.self_attn.o_proj"), f"{p}.input_layernorm_2")
-                    m = norm(x, f"{p}.post_attention_layernorm")
-                    x = x + norm(lin(torch.nn.functional.silu(lin(m, f"{p}.mlp.gate_proj")) * lin(m, f"{p}.mlp.up_proj"),
-                                     f"{p}.mlp.down_proj"), f"{p}.post_attention_layernorm_2")
+                    x = ops.mlp_block(ops.attention_out(x, mixed, p), p)
                 x = norm(x, "model.norm")
             logits.append(lin(x, "lm_head"))
         out.append(torch.stack(logits))
