@@ -5,7 +5,6 @@ never while anything is timed)."""
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest

@@ -1,7 +1,6 @@
 """MELT post-training: the training forward against the real models, the losses, checkpoints, the
 bench's checkpoint option and the quick pipeline end to end."""
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
