@@ -17,7 +17,7 @@ bench: install
 
 # After `make bench`: fail if the default sweep broke a memory ceiling (CPU, size small).
 ceilings: install
-	$(PY) -m bench.ceilings check results/default --ceilings conf/ceilings/cpu_small.yaml
+	$(PY) -m bench.gate check results/default --ceilings conf/ceilings/cpu_small.yaml
 
 test: install
 	$(PY) -m pytest -q

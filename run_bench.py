@@ -4,8 +4,8 @@
     python run_bench.py -m experiment=memory_vs_depth
     python run_bench.py -m model=standard,ouro,melt loops=1,2,4,8 seq_len=512,2048
 
-Settings: conf/config.yaml and bench/config.py. Rows, tables and plots: bench/results.py and
-bench/report.py.
+Settings: conf/config.yaml and bench/config.py. The flow from here to a row, a table and a plot:
+docs/architecture.md.
 """
 
 import sys
@@ -14,7 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from bench import cli, config
+from bench import config
+from bench.sweep import preflight
 
 CONF = str(Path(__file__).resolve().parent / "conf")
 config.register()
@@ -22,14 +23,14 @@ config.register()
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from bench.runner import run
+    from bench.sweep.app import run  # imported on use: --help and bad input need no torch
 
     try:
         return run(cfg)
     except config.ConfigError as e:  # normally caught by the preflight already
-        cli.fail(str(e))
+        preflight.fail(str(e))
 
 
 if __name__ == "__main__":
-    cli.preflight(sys.argv[1:], CONF, "config")
+    preflight.preflight(sys.argv[1:], CONF, "config")
     main()

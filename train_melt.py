@@ -8,7 +8,7 @@
 Trains a LoopLM teacher (cached), turns it into MELT (phase 1: interpolated K/V, phase 2:
 attention-aligned distillation) for every variant, trains a standard model on the same data, and
 writes checkpoints, a table (CSV + Markdown) and a plot. pipeline=policies instead evaluates every
-cache policy zero-shot and post-trained on each teacher set (training/policies.py). Settings:
+cache policy zero-shot and post-trained on each teacher set (training/design_quality.py). Settings:
 conf/train/ and training/config.py.
 """
 
@@ -59,13 +59,13 @@ def preflight(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from training import pipeline, policies
+    from training import design_quality, pipeline
 
     try:
         c = config.resolve(cfg)
     except ConfigError as e:  # normally caught by the preflight already
         fail(str(e))
-    (policies.run if c.pipeline == "policies" else pipeline.run)(c)
+    (design_quality.run if c.pipeline == "policies" else pipeline.run)(c)
 
 
 if __name__ == "__main__":

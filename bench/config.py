@@ -4,6 +4,8 @@ Hydra composes conf/ on top of `BenchConfig` (types are enforced by OmegaConf wh
 `resolve()` then checks the values against each other and against this machine, resolves the
 `auto` choices and returns the `BenchConfig` a sweep point runs with. Every bad value raises
 `ConfigError`, whose message is the one line the command line prints.
+
+May import: models.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from models import ALL_MODEL_NAMES, MODEL_OPTIONS, PEER_NAMES, SIZES, make_confi
 SCENARIOS = ("prefill", "decode", "generate", "score")
 PREFILLS = ("chunked", "one_pass")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-PROFILES = ("none", "timeline", "snapshot")  # bench/profiles.py
+PROFILES = ("none", "timeline", "snapshot")  # bench/measure/profiles.py
 # Launchers whose points run on other machines (Slurm nodes with the GPU they ask for): `auto`
 # device values there mean the GPU's, whatever the machine that submits the sweep has.
 REMOTE_LAUNCHERS = ("slurm", "submitit_slurm")
@@ -66,7 +68,7 @@ class BenchConfig:
     # Model options (None: the model's default); see MODEL_OPTIONS for which model takes which.
     cache_update: Optional[str] = None
     init_latent: Optional[str] = None
-    kv_sharing: Optional[str] = None  # the LoopLM's cache policy (models/policies.py)
+    kv_sharing: Optional[str] = None  # the LoopLM's cache policy (models/cache_policies.py)
     kv_ring: Optional[int] = None     # its ring's slots per layer (ring, anchor)
     kv_anchor: Optional[int] = None   # its anchor slots per layer (anchor)
     kv_window: Optional[int] = None   # LoopCoder's local attention window W
@@ -88,7 +90,7 @@ class BenchConfig:
     # seq_len tokens are prefilled, the next new_tokens scored one at a time through the decode
     # step (teacher forcing), so a cache policy's decode-time rules are what is scored.
     text: Optional[str] = None
-    # What a point records beyond its row (bench/profiles.py): none | timeline (live bytes per
+    # What a point records beyond its row (bench/measure/profiles.py): none | timeline (live bytes per
     # category over the memory pass, drawn in the report) | snapshot (CUDA: PyTorch's memory
     # history of the memory pass, for pytorch.org/memory_viz).
     profile: str = "none"

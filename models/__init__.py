@@ -4,19 +4,28 @@
     model = build_model("melt", size="tiny", loops=4)
     cache = model.new_cache(batch_size=2, max_len=256)
     logits = model(input_ids, cache=cache, start_pos=0)
+
+    config.py      LoopConfig (a transformers PretrainedConfig), the size presets, option checks
+    layers.py      the decoder layer every model shares (Ouro's), RoPE, attention, chunking
+    causal_lm.py   the base model: embeddings, head, cache set-up, chunked forward, decode step
+    standard.py, ouro.py, melt.py, loopcoder.py   one model a file; hf_llama.py: transformers' peer
+    cache.py       the preallocated KV cache (exact nbytes()); cache_policies.py: the LoopLM's
+    construct.py   a model made in a dtype on a device (real, empty for loading, meta or fake)
+    checkpoints.py the Hugging Face folder layout: save, load, Ouro's checkpoints
+    runtime.py     how a model is run: engine, compiled decode step, timers, scenario, generate, score
+
+The bottom of the flow: runs with torch and transformers alone.
+May import: nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
 from .cache import KVCache
+from .causal_lm import CausalLM
 from .config import (ALL_MODEL_NAMES, CACHE_UPDATES, EXIT_POLICIES, INIT_LATENTS, KV_SHARINGS, MODEL_NAMES,
                      MODEL_OPTIONS, PEER_NAMES, SIZES, ConfigError, LoopConfig, make_config)
+from .construct import construct
 from .hf_llama import HFLlamaLM
-from .layers import CausalLM
 from .loopcoder import LoopCoderLM
 from .melt import MeltLM
 from .ouro import OuroLM
@@ -26,54 +35,11 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {"standard": StandardLM, "ouro": Ouro
                                             "loopcoder": LoopCoderLM,
                                             "hf_llama": HFLlamaLM}  # the peer, see models/hf_llama.py
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError("dtype", f"unknown value {dtype!r}", " | ".join(DTYPES))
-    return DTYPES[dtype]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    # Parameters are created directly in the target dtype (fake/meta tensors cannot be cast later).
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
 
 def build_from_config(config: LoopConfig, dtype=None, device=None, init: bool = True) -> CausalLM:
     """A model of config.arch in eval mode, randomly initialised (nothing on the meta device).
-    init=False leaves the parameters uninitialised (torch.empty), for weights about to be loaded:
-    the model is built on the meta device and given real storage once, with nothing computed."""
-    dtype, device = _as_dtype(dtype), torch.device(device or "cpu")
-    with torch.device(device if init else "meta"), _default_dtype(dtype):
-        model = MODEL_CLASSES[config.arch](config)
-    if not init and device.type != "meta":
-        _materialize(model, device)
-    elif device.type != "meta":
-        with torch.no_grad():
-            model.init_weights()
-    return model.eval()
-
-
-def _materialize(model: torch.nn.Module, device: torch.device) -> None:
-    """Give every meta parameter uninitialised storage on `device`, keeping tied ones tied
-    (Module.to_empty would untie them, and cannot swap the fake tensors of the fake probe)."""
-    new: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if id(p) not in new:
-                new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            setattr(module, name, new[id(p)])
+    init=False leaves the parameters uninitialised, for weights about to be loaded (construct)."""
+    return construct(MODEL_CLASSES[config.arch], config, dtype=dtype, device=device, init=init)
 
 
 def build_model(name: str, size: str = "tiny", loops: int | None = None, *, dtype=None, device=None,
@@ -85,5 +51,6 @@ def build_model(name: str, size: str = "tiny", loops: int | None = None, *, dtyp
 
 
 __all__ = ["build_model", "build_from_config", "make_config", "LoopConfig", "KVCache", "ConfigError",
-           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "LoopCoderLM", "MODEL_NAMES", "PEER_NAMES", "ALL_MODEL_NAMES", "HFLlamaLM", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
+           "CausalLM", "StandardLM", "OuroLM", "MeltLM", "LoopCoderLM", "HFLlamaLM", "MODEL_CLASSES",
+           "MODEL_NAMES", "PEER_NAMES", "ALL_MODEL_NAMES", "MODEL_OPTIONS", "SIZES", "CACHE_UPDATES",
            "INIT_LATENTS", "KV_SHARINGS", "EXIT_POLICIES"]

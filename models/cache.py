@@ -5,7 +5,7 @@ LoopCoder's local attention). The models differ only in how many slots they ask 
 a (loop, layer) reads and writes; slot numbers are group * N + layer, a group being one slot per
 layer:
   standard: N slots, slot = layer
-  LoopLM:   the groups its cache policy uses (models/policies.py): T groups for per-loop K/V
+  LoopLM:   the groups its cache policy uses (models/cache_policies.py): T groups for per-loop K/V
             (memory grows with depth), fewer for the shared policies
   MELT:     N slots, slot = layer, every loop overwrites the token's row in place
 Buffers are allocated once for (batch, max_len); nothing is ever concatenated, so a step never makes

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, LoopConfig
+from .construct import construct
 
 log = logging.getLogger("models")
 
@@ -183,11 +184,9 @@ def load(cls, source: str | os.PathLike, dtype: torch.dtype | None = None,
     the model has and the checkpoint lacks (`cls.optional_keys`, MELT's gates) are initialised;
     stored weights it does not use (`cls.ignored_keys`) are skipped. Under a FakeTensorMode (the
     fake memory probe) only names and shapes are read."""
-    from . import build_from_config
-
     folder = locate(source)
     config, stored = read_config(folder, cls.arch, **overrides)
-    model = build_from_config(config, dtype=dtype or stored or torch.float32, device=device, init=False)
+    model = construct(cls, config, dtype=dtype or stored or torch.float32, device=device, init=False)
     targets = model.state_dict()                 # views of the parameters (MELT's gate halves too)
     expected = set(targets)
     if config.tie_word_embeddings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .policies import KV_SHARINGS  # the LoopLM's cache policies
+from .cache_policies import KV_SHARINGS  # the LoopLM's cache policies
 
 MODEL_NAMES = ("standard", "ouro", "melt", "loopcoder")
 # Peers: other libraries' models built from the same size presets, benchmarked beside ours

@@ -22,7 +22,8 @@ from torch import nn
 
 from .cache import KVCache
 from .config import LoopConfig
-from .layers import Attention, CausalLM, Positions, attend
+from .causal_lm import CausalLM
+from .layers import Attention, Positions, attend
 
 
 class WindowGate(nn.Module):

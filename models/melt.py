@@ -26,7 +26,8 @@ from torch import nn
 
 from .cache import KVCache
 from .config import LoopConfig
-from .layers import CausalLM, Positions, chunk_bounds  # noqa: F401 (chunk_bounds: re-exported)
+from .causal_lm import CausalLM
+from .layers import Positions
 
 
 class _Half(NamedTuple):

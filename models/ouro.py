@@ -11,7 +11,7 @@ and attends to earlier tokens' K/V in that slot:
     every loop of a decoded token writes and reads; the token's row keeps its last, first or mean
     K/V;
   ring (K), anchor (A, K) (Huginn's compressed caches), first_writes (Mixture-of-Recursions):
-    fewer groups in every phase. models/policies.py has them all, as data this loop reads.
+    fewer groups in every phase. models/cache_policies.py has them all, as data this loop reads.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from torch import nn
 
 from .cache import KVCache
 from .config import LoopConfig
-from .layers import CausalLM, Positions
-from .policies import POLICIES, KVPolicy
+from .causal_lm import CausalLM
+from .layers import Positions
+from .cache_policies import POLICIES, KVPolicy
 
 
 def exit_probabilities(gate_logits: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ the way gpt-fast keeps generate.py apart from model.py:
     logits = engine.prefill(prompt, cache, chunk_size=500)
     tokens = engine.decode(logits, cache, start_pos=S, steps=32, timer=StepTimer(device))
 
+A benchmark point runs its prompt through a `Scenario`: once eager under the memory probe (prefill
+and decode apart), then `repeats` timed runs (Scenario.time -> Timings).
+
 Every model the benchmark runs, ours and the transformers peer (models/hf_llama.py), has the small
 `LanguageModel` interface below, so nothing above this file asks which kind of model it holds.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -174,6 +178,81 @@ class Engine:
         first = logits.argmax(-1)
         rest = self.decode(logits, cache, length, max_new_tokens - 1) if max_new_tokens > 1 else first[:, :0]
         return torch.cat([prompt, first, rest], dim=1)[:, :length + max_new_tokens]
+
+
+@dataclass
+class Timings:
+    """What Scenario.time measured: seconds per prefill, decode steps per second per repeat, and
+    every decode step's interval."""
+
+    prefill_s: list[float] = field(default_factory=list)        # one per repeat
+    decode_steps_per_s: list[float] = field(default_factory=list)  # one per repeat that decoded
+    step_s: list[float] = field(default_factory=list)           # all repeats' steps
+
+
+class Scenario:
+    """One prompt through an engine and its cache: the prefill, then `new_tokens` greedy decode
+    steps, or, given the true continuation, teacher-forced scoring of it (`scores`). A benchmark
+    point runs it once eager under its memory probe (prefill() and decode() apart) and then times
+    it (time()); the cache is made ready for a new prompt before each timed run."""
+
+    def __init__(self, engine: Engine, cache, prompt: torch.Tensor, chunk_size: int | None = None,
+                 new_tokens: int = 0, continuation: torch.Tensor | None = None):
+        self.engine, self.cache, self.prompt = engine, cache, prompt   # prompt [B, S]
+        self.chunk_size = chunk_size  # None: the model's own schedule
+        self.new_tokens = new_tokens
+        self.continuation = continuation  # the true tokens after the prompt [1, n], to score
+        self.scores: torch.Tensor | None = None  # log p of the continuation [1, n], once decoded
+
+    @property
+    def decodes(self) -> bool:
+        return self.continuation is not None or self.new_tokens > 0
+
+    def prefill(self, timer: StepTimer | None = None) -> torch.Tensor:
+        """The prompt into the cache -> the last position's logits [B, 1, V]; with a timer, a mark
+        before and after."""
+        if timer is not None:
+            timer.mark()
+        logits = self.engine.prefill(self.prompt, self.cache, self.chunk_size)
+        if timer is not None:
+            timer.mark()
+        return logits
+
+    def decode(self, logits: torch.Tensor, eager: bool = False, timer: StepTimer | None = None) -> None:
+        """After prefill(): the decode steps (a timer marks each), or the continuation's scores."""
+        if self.continuation is not None:
+            self.scores = self.engine.forced_decode(logits, self.cache, self.prompt.shape[1], self.continuation)
+            return
+        self.engine.decode(logits, self.cache, self.prompt.shape[1], self.new_tokens, eager=eager, timer=timer)
+
+    def run(self) -> None:
+        """An untimed, eager run (a warm-up): nothing it made outlives it."""
+        logits = self.prefill()
+        if self.decodes:
+            self.decode(logits, eager=True)
+
+    def time(self, repeats: int) -> Timings:
+        """`repeats` runs, each on the cache made ready for a new prompt. With compile, the decode
+        step is compiled first, in an untimed run. Prefill: one interval per repeat. Decode: the
+        intervals between consecutive steps, so what runs before the first step (the peer's
+        generate set-up) is never timed."""
+        if self.engine.compile and self.decodes:
+            self.cache.reset()
+            self.decode(self.prefill())
+        timings = Timings()
+        for _ in range(repeats):
+            self.cache.reset()
+            timer = StepTimer(self.engine.model.device)
+            logits = self.prefill(timer)
+            timings.prefill_s += timer.intervals()
+            if self.decodes:
+                timer = StepTimer(self.engine.model.device)
+                self.decode(logits, timer=timer)
+                steps = timer.intervals()
+                if steps:
+                    timings.decode_steps_per_s.append(len(steps) / sum(steps))
+                    timings.step_s += steps
+        return timings
 
 
 def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int,

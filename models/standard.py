@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-from .layers import CausalLM, Positions
+from .causal_lm import CausalLM
+from .layers import Positions
 
 
 class StandardLM(CausalLM):

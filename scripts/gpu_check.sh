@@ -10,7 +10,7 @@
 #   snapshot: one point (MELT, 4K tokens, loops 4) with PyTorch's CUDA memory history of its memory
 #     pass (profile=snapshot), for pytorch.org/memory_viz;
 #   estimates: the memory_vs_seq_len points again with the fake probe (on this machine's CPU), and
-#     bench.estimates comparing fake and predicted peaks with the measured ones (target: 5 %).
+#     bench.report.estimates comparing fake and predicted peaks with the measured ones (target: 5 %).
 # Sweeps write to results/gpu_check/<gpu>/<experiment>/; their table, report, plots and config and
 # the environment are then copied to results/reference/<gpu>/, ready to commit.
 #   scripts/gpu_check.sh                    # uses .venv/bin/python, or PYTHON=...
@@ -63,7 +63,7 @@ for experiment in ${steps/snapshot/}; do
         "hydra.sweep.dir=$out/$experiment" "$@"
     mkdir -p "$ref/$experiment"
     cp "$out/$experiment"/{table.csv,table.parquet,report.md,*.png} "$ref/$experiment/"
-    "$PY" -m bench.portable "$out/$experiment/multirun.yaml" "$ref/$experiment/multirun.yaml"
+    "$PY" -m bench.sweep.portable "$out/$experiment/multirun.yaml" "$ref/$experiment/multirun.yaml"
 done
 if [[ " $steps " == *" snapshot "* ]]; then
     echo "gpu_check: snapshot ($((SECONDS - start)) s so far)"
@@ -81,7 +81,7 @@ if [[ " $steps " == *" memory_vs_seq_len "* ]]; then
     "$PY" run_bench.py -m experiment=memory_vs_seq_len "${fake[@]}" ${extra[memory_vs_seq_len]} \
         "hydra.sweep.dir=$out/estimates_fake" "$@"
     mkdir -p "$ref/estimates"
-    "$PY" -m bench.estimates "$out/memory_vs_seq_len" "$out/estimates_fake" --out "$ref/estimates"
+    "$PY" -m bench.report.estimates "$out/memory_vs_seq_len" "$out/estimates_fake" --out "$ref/estimates"
 fi
 seconds=$((SECONDS - start))
 {

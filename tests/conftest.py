@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,33 @@ def save_random_looplm(folder: Path, config) -> Path:
         teacher.init_weights(std=0.2)
     teacher.save_pretrained(folder)
     return folder
+
+
+# The keys of Ouro's released config.json (Ouro-1.4B: 24 layers; here the tiny size's shapes).
+OURO_KEYS = {
+    "architectures": ["OuroForCausalLM"], "model_type": "ouro", "auto_map": {
+        "AutoConfig": "configuration_ouro.OuroConfig", "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+    "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None,
+    "hidden_act": "silu", "initializer_range": 0.02, "max_window_layers": 28, "rope_scaling": None,
+    "sliding_window": None, "use_sliding_window": False, "use_cache": True, "torch_dtype": "float32",
+    "transformers_version": "4.55.0", "early_exit_threshold": 1.0, "total_ut_steps": 3,
+}
+
+
+def save_ouro_checkpoint(folder: Path, seed: int = 0, **changes):
+    """A tiny LoopLM saved the way Ouro's checkpoints are: Ouro's config keys, model.safetensors."""
+    import torch
+
+    from models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("ouro", "tiny", loops=3)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("arch", "dtype", "chunk_size", "cache_update", "init_latent", "ema_alpha", "kv_sharing",
+                "exit_policy", "exit_step"):
+        config.pop(key, None)
+    config.update(OURO_KEYS, layer_types=["full_attention"] * model.config.num_hidden_layers)
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return model

@@ -1,5 +1,5 @@
 """The README and docs/ as a newcomer meets them: every figure quoted from a committed run equals
-its source file (bench.quotes), every shell command shown is classified (the cheap ones run here as
+its source file (bench.report.quotes), every shell command shown is classified (the cheap ones run here as
 written, with the output shown where a page shows it; the expensive ones are listed with the reason
 they are not run), the Python examples run, links resolve, and no page or code comment carries
 project history."""
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import quotes
-from bench.results import COLUMNS
+from bench.report.quotes import markers as quotes
+from bench.report.quotes.sources import QUOTES
+from bench.rows.schema import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
@@ -29,11 +30,11 @@ CHEAP = {
     ".venv/bin/python run_bench.py loops=0": 2,
     ".venv/bin/python run_bench.py size=small seq_len=9000": 2,
     ".venv/bin/python train_melt.py melt.chunk_size=0": 2,
-    ".venv/bin/python -m bench.ceilings check results/reference/cpu "
+    ".venv/bin/python -m bench.gate check results/reference/cpu "
     "--ceilings conf/ceilings/cpu_small.yaml": 0,
     ".venv/bin/python -m bench.report results/reference/cpu --out results/cpu-report": 0,
-    ".venv/bin/python -m bench.quotes check": 0,
-    ".venv/bin/python -m bench.quotes write": 0,
+    ".venv/bin/python -m bench.report.quotes check": 0,
+    ".venv/bin/python -m bench.report.quotes write": 0,
 }
 
 # Commands shown in the pages that this test does not run, and why. Run them by hand when the
@@ -58,19 +59,19 @@ EXPENSIVE = {
         "Ouro-1.4B shapes at up to 32K tokens under the fake probe: a minute or two",
     f"{PY} run_bench.py -m experiment=memory_vs_seq_len hydra/launcher=slurm "
     "hydra.launcher.partition=gpu hydra.launcher.timeout_min=30": "needs a Slurm cluster with GPUs",
-    f"{PY} run_bench.py -m experiment=ci": "about a minute; tests/test_ci_ceilings.py runs this sweep",
-    f"{PY} -m bench.ceilings check results/ci":
-        "needs results/ci from the ci sweep; tests/test_ci_ceilings.py runs this check on it",
-    f"{PY} -m bench.ceilings check results/ci --update --headroom 0.02":
+    f"{PY} run_bench.py -m experiment=ci": "about a minute; tests/gate/test_ci_ceilings.py runs this sweep",
+    f"{PY} -m bench.gate check results/ci":
+        "needs results/ci from the ci sweep; tests/gate/test_ci_ceilings.py runs this check on it",
+    f"{PY} -m bench.gate check results/ci --update --headroom 0.02":
         "needs results/ci from the ci sweep, and rewrites conf/ceilings/ci.yaml",
     f"{PY} run_bench.py -m experiment=capacity": "a capacity search of four models: minutes",
     f"{PY} run_bench.py model=melt checkpoint=results/reference/training/checkpoints/melt seq_len=1024":
-        "several seconds, past the cheap set's budget; tests/test_training.py runs a checkpoint "
+        "several seconds, past the cheap set's budget; tests/training/test_training.py runs a checkpoint "
         "through run_bench.py",
     f"{PY} train_melt.py": "trains a teacher, a standard model and MELT: minutes",
     f"{PY} train_melt.py preset=ablations": "the whole post-training table: about ten minutes",
     f"{PY} train_melt.py preset=quick":
-        "trains for well under a minute; tests/test_training.py runs this pipeline",
+        "trains for well under a minute; tests/training/test_training.py runs this pipeline",
     f"{PY} train_melt.py variants=[melt,melt_last] melt.chunk_size=8 melt.lr_gate=1e-2":
         "trains a teacher and two MELT variants: minutes",
     f"{PY} train_melt.py preset=ablations out_dir=results/reference/training":
@@ -90,26 +91,26 @@ EXPENSIVE = {
     "hydra.sweep.dir=results/cpu-speed/capacity_fake_ouro-1.4b_32k":
         "a capacity search at Ouro-1.4B shapes under the fake probe: about half an hour on one thread",
     f"{PY} run_bench.py policy=ring kv_ring=2 loops=4 seq_len=1024":
-        "a point of about 15 s, past the cheap set's budget; tests/test_bench_config.py composes "
-        "every policy= choice and tests/test_policies.py runs each design",
+        "a point of about 15 s, past the cheap set's budget; tests/test_config.py composes "
+        "every policy= choice and tests/models/test_cache_policies.py runs each design",
     f"{PY} run_bench.py -m experiment=policies": "100 points at size small: about 8 minutes on 2 cores",
     f"{PY} train_melt.py preset=policies out_dir=results/reference/policies":
         "retrains six post-trained models into the committed run: about a quarter of an hour; "
-        "tests/test_policy_training.py runs the quick preset",
+        "tests/training/test_design_quality.py runs the quick preset",
     f"OMP_NUM_THREADS=1 {PY} run_bench.py -m experiment=policies probe=fake size=ouro-1.4b dtype=bfloat16 "
     "loops=4 seq_len=32768 repeats=0 name=policies_ouro_fake":
         "ten designs at Ouro-1.4B shapes and 32K tokens under the fake probe: about 25 minutes",
-    f"{PY} -m bench.policies results/reference/policies/quality.csv results/policies_ouro_fake "
+    f"{PY} -m bench.report.frontier results/reference/policies/quality.csv results/policies_ouro_fake "
     "--out results/reference/policies":
-        "needs results/policies_ouro_fake from the sweep above; tests/test_policies_table.py runs "
-        "bench.policies on the committed sweep",
+        "needs results/policies_ouro_fake from the sweep above; tests/report/test_frontier.py runs "
+        "bench.report.frontier on the committed sweep",
     f"{PY} run_bench.py -m experiment=policy_quality checkpoint=ByteDance/Ouro-1.4B text=docs/models.md":
-        "downloads Ouro-1.4B from the hub; tests/test_policy_quality.py runs the experiment on a "
+        "downloads Ouro-1.4B from the hub; tests/measure/test_scored_text.py runs the experiment on a "
         "tiny checkpoint",
     "scripts/gpu_check.sh": "needs a CUDA GPU",
-    "GPU_CHECK_SMOKE=1 scripts/gpu_check.sh": "about a minute; tests/test_speed_bench.py runs it",
+    "GPU_CHECK_SMOKE=1 scripts/gpu_check.sh": "about a minute; tests/measure/test_speed_columns.py runs it",
     'GPU_CHECK_ONLY="decode_speed capacity" scripts/gpu_check.sh':
-        "needs a CUDA GPU; tests/test_speed_bench.py runs it in smoke mode",
+        "needs a CUDA GPU; tests/measure/test_speed_columns.py runs it in smoke mode",
 }
 
 SHELL_BLOCKS = {"sh", "console"}     # fenced blocks whose lines are commands (console: `$ ` prompts)
@@ -244,7 +245,7 @@ def test_code_comments_and_pages_carry_no_history():
 
 def test_quoted_figures_equal_their_sources():
     problems = quotes.check(PAGES)
-    assert problems == [], "\n".join(map(str, problems)) + "\n(python -m bench.quotes write fixes drift)"
+    assert problems == [], "\n".join(map(str, problems)) + "\n(python -m bench.report.quotes write fixes drift)"
 
 
 def test_every_quote_is_used_and_well_formed():
@@ -253,15 +254,15 @@ def test_every_quote_is_used_and_well_formed():
         found, bad = quotes.regions(page.read_text(), str(page))
         assert bad == []
         used |= {r.name for r in found}
-    assert used == set(quotes.QUOTES)
-    for name, quote in quotes.QUOTES.items():
+    assert used == set(QUOTES)
+    for name, quote in QUOTES.items():
         assert quotes.NAME.fullmatch(name)
         assert all((ROOT / source).is_file() for source in quote.sources), name
 
 
 def test_a_drifted_figure_is_reported_and_rewritten(tmp_path):
-    right = quotes.QUOTES["training.melt_of_teacher"].make(ROOT)
-    table = quotes.QUOTES["cpu.headline"].make(ROOT)
+    right = QUOTES["training.melt_of_teacher"].make(ROOT)
+    table = QUOTES["cpu.headline"].make(ROOT)
     ratio = table.splitlines()[2].split("|")[-2].strip()  # MELT / LoopLM at one loop, e.g. 1.047
     drifted = table.replace(f"| {ratio} |", "| 0.78 |", 1)
     assert drifted != table

@@ -1,5 +1,7 @@
-"""MELT post-training (spec section 5): turn a trained LoopLM into MELT on a synthetic task; and
-what every looped KV-cache policy costs in quality, zero-shot and post-trained.
+"""Training: MELT post-trained from a LoopLM (spec section 5), and every cache design's quality.
+
+On a synthetic task: a LoopLM teacher turned into MELT, and what every looped KV-cache design
+costs in quality, zero-shot and post-trained.
 
     task.py      the multi-hop lookup task, deterministic batches and the held-out set
     student.py   the differentiable loop forwards: LoopLM, MELT chunk-wise, interpolated K/V;
@@ -7,7 +9,9 @@ what every looped KV-cache policy costs in quality, zero-shot and post-trained.
     trainer.py   losses, parameter groups, the teacher / phase 1 / phase 2 training loops
     evaluate.py  accuracy through each model's cached generate, held-out loss, memory
     pipeline.py  teacher, MELT variants, standard model -> checkpoints, table and plot
-    policies.py  per teacher set, every cache policy zero-shot and post-trained -> quality.csv,
+    design_quality.py  per teacher set, every cache design zero-shot and post-trained -> quality.csv,
                  exits, K/V drift (train_melt.py preset=policies)
     config.py    TrainConfig (the Hydra schema of train_melt.py) and its checks
+
+May import: models, bench.measure (probes, K/V drift), bench.rows (atomic files).
 """

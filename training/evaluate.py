@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.probes import TrackedProbe
-from models.layers import CausalLM
+from bench.measure.probes import TrackedProbe
+from models.causal_lm import CausalLM
 
 from .task import TaskSpec, targets
 

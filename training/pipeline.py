@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from bench.results import atomic_file
+from bench.rows.files import atomic_file
 from models import MeltLM, OuroLM, StandardLM, build_from_config, make_config
-from models.layers import CausalLM
+from models.causal_lm import CausalLM
 
 from .config import VARIANTS, TrainConfig, task_spec
 from .evaluate import evaluate
@@ -48,13 +48,13 @@ def _teacher_identity(c: TrainConfig) -> dict:
             "device": c.device}
 
 
-def _save(model: CausalLM, folder: Path, settings: dict) -> None:
+def save_checkpoint(model: CausalLM, folder: Path, settings: dict) -> None:
     model.save_pretrained(folder)
     with atomic_file(folder / SETTINGS_FILE) as tmp, open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
 
 
-def _pretrain(c: TrainConfig, arch: str, data: TaskData, folder: Path) -> tuple[CausalLM, float, bool]:
+def pretrain(c: TrainConfig, arch: str, data: TaskData, folder: Path) -> tuple[CausalLM, float, bool]:
     """Train (or reuse) the teacher LoopLM or the standard model on the task's training stream.
     -> (model, training wall seconds, reused?)"""
     ident = {**_teacher_identity(c), "arch": arch}
@@ -74,7 +74,7 @@ def _pretrain(c: TrainConfig, arch: str, data: TaskData, folder: Path) -> tuple[
     train_lm(model, data, Schedule(c.teacher.steps, c.teacher.warmup, c.log_every), c.teacher.lr,
              exit_loss=c.teacher.exit_loss, what="teacher" if arch == "ouro" else "standard")
     wall = time.perf_counter() - start
-    _save(model, folder, {"identity": ident, "train_wall_s": wall})
+    save_checkpoint(model, folder, {"identity": ident, "train_wall_s": wall})
     return model, wall, False
 
 
@@ -136,7 +136,7 @@ def run(c: TrainConfig) -> list[dict]:
                  result["peak_gen_bytes"] / 2**20)
 
     teacher_dir = ckpt / "teacher"
-    teacher, wall, reused = _pretrain(c, "ouro", data, teacher_dir)
+    teacher, wall, reused = pretrain(c, "ouro", data, teacher_dir)
     add("teacher", teacher, wall, teacher_dir, reused=reused)
     one_loop = OuroLM.from_pretrained(teacher_dir, device=c.device, loops=1)
     add("teacher, 1-loop exit", one_loop, None, teacher_dir,
@@ -147,7 +147,7 @@ def run(c: TrainConfig) -> list[dict]:
         kv_per_token=one_loop.kv_bytes_per_token(),
         note="decode keeps the last loop's slots (the prefill holds all)")
     standard_dir = ckpt / "standard"
-    standard, wall, reused = _pretrain(c, "standard", data, standard_dir)
+    standard, wall, reused = pretrain(c, "standard", data, standard_dir)
     add("standard (same parameters)", standard, wall, standard_dir, reused=reused)
     torch.manual_seed(c.seed)
     zero_shot = MeltLM.from_pretrained(teacher_dir, device=c.device, chunk_size=c.melt.chunk_size)
@@ -159,7 +159,7 @@ def run(c: TrainConfig) -> list[dict]:
     for name in c.variants:
         student, wall = train_variant(c, name, teacher, teacher_dir, data)
         folder = ckpt / name
-        _save(student, folder, {"variant": name, "train_wall_s": wall, "melt": dataclasses.asdict(c.melt)})
+        save_checkpoint(student, folder, {"variant": name, "train_wall_s": wall, "melt": dataclasses.asdict(c.melt)})
         add(name, student, wall, folder, note=describe(name))
 
     teacher_acc, teacher_kv = rows[0]["accuracy"], rows[0]["kv_bytes_per_token"]

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.layers import CausalLM, Positions
-from models.melt import chunk_bounds
+from models.causal_lm import CausalLM
+from models.layers import Positions
+from models.layers import chunk_bounds
 
 
 @dataclass

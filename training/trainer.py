@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.layers import CausalLM
+from models.causal_lm import CausalLM
 
 from .student import LoopOutputs, loop_forward, training_forward
 from .task import TaskData, targets

@@ -1,0 +1,7 @@
+"""python -m bench.report.quotes check | write | list [FILE ...]"""
+
+import sys
+
+from .markers import main
+
+sys.exit(main())

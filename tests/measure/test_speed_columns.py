@@ -1,0 +1,231 @@
+"""Speed in the benchmark: the hf_llama peer row, the utilization columns against the measured
+machine limits, compile settings, and the capacity search."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import models
+from bench.measure import machine, roofline
+from bench.config import BenchConfig, ConfigError, resolve
+from bench.measure.point import measure
+
+
+def _point(**kw):
+    base = dict(size="tiny", seq_len=48, new_tokens=3, repeats=1, warmup=0)
+    return resolve(BenchConfig(**{**base, **kw}))
+
+
+def test_hf_llama_row_through_the_same_probe_and_timers():
+    row = measure(_point(model="hf_llama", loops=4, scenario="generate"))
+    assert row["status"] == "ok", row["error"]
+    assert row["loops"] == 1 and row["compile"] is False
+    # DynamicCache allocates as it grows: at the end it holds exactly the analytic layout
+    assert row["kv_bytes_measured"] == row["kv_bytes_analytic"] > 0
+    assert row["kv_bytes_per_token"] == models.build_model("standard", "tiny").kv_bytes_per_token()
+    assert row["peak_decode_bytes"] > row["weights_bytes"] + row["kv_bytes_measured"] // 2
+    assert row["decode_tokens_per_s"] > 0 and row["bandwidth_utilization"] > 0
+
+
+def test_hf_llama_refuses_the_fake_probe_and_checkpoints_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"^probe: fake cannot run hf_llama .*; allowed: auto \| tracked \| cuda$"):
+        _point(model="hf_llama", probe="fake")
+    with pytest.raises(ConfigError, match=r"^checkpoint: hf_llama is built with random weights"):
+        _point(model="hf_llama", checkpoint=str(tmp_path))
+
+
+def test_hf_llama_rows_have_no_memory_prediction():
+    row = measure(_point(model="hf_llama"))
+    assert row["status"] == "ok" and row["predicted_peak_bytes"] is None
+
+
+def test_bandwidth_utilization_is_bytes_times_steps_over_the_measured_copy_rate():
+    p = _point(model="ouro", loops=2, scenario="decode")
+    row = measure(p)
+    assert row["copy_bytes_per_s"] > 0 and row["matmul_flops_per_s"] > 0
+    # By hand, size tiny (d 64, f 128, 4 heads and 2 KV heads of 16, vocab 256, 2 layers), fp32:
+    layer_params = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 4 * 64   # q, o; k, v; MLP; 4 norms
+    weights = 4 * 2 * (2 * layer_params + 64 + 65) + 4 * 256 * 64   # 2 loops x (layers, final norm,
+    #                                                                   exit gate); the head once
+    kv = 2 * 2 * (2 * 2 * 16 * 4) * (48 + (3 - 1) / 2)   # loops x layers x K+V row x mean context
+    steps_per_s = row["decode_tokens_per_s"] / p.batch
+    expected = (weights + kv) * steps_per_s / row["copy_bytes_per_s"]
+    assert row["bandwidth_utilization"] == pytest.approx(expected, rel=1e-9)
+    assert row["decode_bound"] in ("weights", "kv", "compute")
+    assert row["prefill_utilization"] > 0 and row["prefill_bound"] in ("weights", "kv", "compute")
+
+
+def test_roofline_terms_and_bounds():
+    """Decode reads the layers once per loop, and T slots x layers of KV over the context."""
+    p = _point(model="ouro", loops=4, seq_len=100, new_tokens=1, batch=2, repeats=0)
+    ouro = models.build_model("ouro", "tiny", loops=4)
+    c = ouro.config
+    terms = roofline.decode_terms(ouro, p)
+    table = c.vocab_size * c.hidden_size * 4
+    assert terms["weights"] == 4 * (ouro.weights_bytes() - 2 * table) + table
+    assert terms["kv"] == 4 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4 * 100 * 2
+    melt = models.build_model("melt", "tiny", loops=4)
+    assert roofline.decode_terms(melt, p)["kv"] == terms["kv"]  # every loop reads every past row
+    bw, mm = 1e10, 1e11
+    assert roofline.bound(dict(weights=1e6, kv=1e3, flops=1e3), bw, mm) == "weights"
+    assert roofline.bound(dict(weights=1e6, kv=1e8, flops=1e3), bw, mm) == "kv"
+    assert roofline.bound(roofline.prefill_terms(ouro, _point(model="ouro", seq_len=1000)), bw, mm) == "compute"
+
+
+def test_env_limits_are_measured_once():
+    first = machine.copy_bytes_per_s("cpu")
+    assert first > 1e8 and machine.copy_bytes_per_s("cpu") is first  # cached: once per run
+    assert machine.matmul_flops_per_s("cpu", "float32") > 1e8
+
+
+def test_compiled_timing_pass(monkeypatch):
+    """compile=true on CPU: the timed decode runs the compiled step (aot_eager here, for speed)."""
+    from models.runtime import Engine
+
+    made = []
+    original = Engine.compiled_step
+    monkeypatch.setattr(Engine, "compiled_step", lambda self: made.append(self.backend) or original(self))
+    row = measure(_point(model="melt", loops=2, scenario="decode", compile=True, compile_backend="aot_eager"))
+    assert row["status"] == "ok" and row["timing_status"] == "ok", row["error"] or row["timing_error"]
+    assert row["compile"] is True and row["compile_backend"] == "aot_eager" and row["decode_tokens_per_s"] > 0
+    assert made and set(made) == {"aot_eager"}  # every timed decode went through the compiled step
+
+
+def test_compile_is_auto_off_on_cpu_and_never_for_the_peer():
+    assert _point(model="melt").compile is False
+    assert _point(model="melt", compile=True).compile is True
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(model="hf_llama", compile=True), "compile"),
+    (dict(budget_gb=1.0), "budget_gb"),
+    (dict(capacity=True, budget_gb=-1.0), "budget_gb"),
+    (dict(capacity=True), "budget_gb"),  # on a CPU there is no free memory to default to
+    (dict(capacity=True, budget_gb=1.0, scenario="prefill"), "scenario"),
+    (dict(capacity=True, budget_gb=1.0, mem_limit_mib=10.0), "mem_limit_mib"),
+    (dict(model="llama"), "model"),
+])
+def test_bad_speed_settings_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: .*; allowed: "):
+        _point(**kw)
+
+
+# -- the capacity search -------------------------------------------------------------------------
+def test_capacity_search_finds_the_largest_batch(tmp_path):
+    """Doubling then bisection on the tracked probe's simulated budget; every trial is a row."""
+    import json
+
+    from bench.measure import capacity
+    from bench.rows.files import load_rows
+
+    point = _point(model="ouro", loops=2, seq_len=64, capacity=True, budget_gb=0.0012)
+    row = capacity.search(point, tmp_path, measure)
+    assert row["status"] == "ok", row["error"]
+    best, first_oom = row["capacity_max_batch"], row["capacity_first_oom"]
+    assert best >= 2 and first_oom == best + 1 and row["batch"] == best
+    assert row["budget_bytes"] == 1_200_000 and row["mem_limit_mib"] == pytest.approx(1_200_000 / 2**20)
+    assert row["peak_bytes"] <= row["budget_bytes"] and row["decode_tokens_per_s"] > 0
+    trials = {int(p.parent.name.split("=")[1]): json.loads(p.read_text())
+              for p in (tmp_path / "trials").rglob("result.json")}
+    # doubling up to the first OOM, then bisection: every trial below best fits, the rest do not
+    assert all(r["status"] == "ok" for b, r in trials.items() if b < best)
+    assert all(r["status"] == "oom" and "out of memory" in r["error"] for b, r in trials.items() if b > best)
+    assert {1, 2, first_oom} <= set(trials) | {best}  # doubling from 1, and the OOM that bounds it
+    assert best not in trials  # its row is the timed final one, written by the caller
+    assert all(r["peak_bytes"] <= 1_200_000 for r in trials.values() if r["status"] == "ok")
+    assert load_rows(tmp_path).batch.is_unique
+
+
+def test_capacity_when_not_even_one_sequence_fits(tmp_path):
+    from bench.measure import capacity
+
+    row = capacity.search(_point(model="melt", capacity=True, budget_gb=1e-5), tmp_path, measure)
+    assert row["status"] == "oom" and row["capacity_max_batch"] == 0 and row["capacity_first_oom"] == 1
+
+
+# -- scripts/gpu_check.sh, in its CPU smoke mode ----------------------------------------------------
+def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
+    """The GPU check's steps (sweeps, copies to the reference folder, environment) on CPU at size
+    tiny: the logic a GPU run depends on, minus the GPU. memory_vs_seq_len is there for the
+    estimates step (fake probe and memory model against the measured peaks); memory_vs_depth goes
+    through the same loop and is left out to save time."""
+    import subprocess
+
+    import pandas as pd
+
+    from conftest import ROOT
+
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600,
+                         env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path),
+                              "GPU_CHECK_ONLY": "memory_vs_seq_len decode_speed capacity"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ref = tmp_path / "reference"
+    for experiment in ("decode_speed", "capacity"):
+        table = pd.read_csv(ref / experiment / "table.csv")
+        assert len(table) and (table.status.isin(["ok", "oom"])).all(), experiment
+        assert (ref / experiment / "report.md").exists()
+    decode = pd.read_csv(ref / "decode_speed" / "table.csv").set_index("model")
+    assert set(decode.index) == {"standard", "ouro", "melt", "hf_llama"}
+    assert decode.bandwidth_utilization.gt(0).all() and decode.decode_bound.notna().all()
+    assert "standard / hf_llama" in (ref / "decode_speed" / "report.md").read_text()
+    capacity = pd.read_csv(ref / "capacity" / "table.csv")
+    finals = capacity[capacity.capacity_max_batch.notna()].set_index("model")
+    assert set(finals.index) == {"ouro", "melt"}  # the smoke run searches these two only
+    assert (capacity.status == "oom").any()  # the search's OOM trials are rows
+    assert finals.capacity_max_batch["melt"] > finals.capacity_max_batch["ouro"] >= 1
+    assert (ref / "capacity" / "capacity.png").stat().st_size > 0
+    assert "GPU_CHECK_SMOKE=1" in (ref / "environment.txt").read_text()
+    estimates = pd.read_csv(ref / "estimates" / "estimate_vs_cuda.csv")
+    assert set(estimates.model) == {"standard", "ouro", "melt"} and set(estimates.phase) == {"prefill", "decode"}
+    assert estimates["fake error %"].abs().max() <= 1 and estimates["predicted error %"].abs().max() <= 1
+
+
+def test_a_reset_cache_decodes_a_new_prompt_as_a_fresh_cache_does():
+    """The timing pass reuses the memory pass's cache (CUDA graphs need its buffers at fixed
+    addresses): reset() gives back the slots last-loop sharing dropped and keeps the others where
+    they are. Its rows still hold the previous prompt: a second prompt must decode exactly as in a
+    fresh cache, for every decoded step's logits."""
+    from models.runtime import Engine
+
+    def decoded(engine, cache, prompt):  # the logits of every decode step of one round
+        steps, step = [], engine.model.decode_step
+        logits = engine.prefill(prompt, cache)
+        engine.model.decode(logits.argmax(-1), cache, prompt.shape[1], 4,
+                            step=lambda *a: steps.append(step(*a)) or steps[-1])
+        return torch.cat(steps)
+
+    torch.manual_seed(0)
+    prompts = torch.randint(0, 256, (2, 2, 12))
+    for options in (dict(), dict(kv_sharing="last_loop")):
+        engine = Engine(models.build_model("ouro", "tiny", loops=2, **options), compile=True)
+        with torch.inference_mode():
+            cache = engine.new_cache(2, 16)
+            decoded(engine, cache, prompts[0])
+            kept = [id(t) for t in cache.buffers()]
+            second = decoded(engine, cache.reset(), prompts[1])
+            fresh = decoded(engine, engine.new_cache(2, 16), prompts[1])
+        assert [id(t) for t in cache.buffers()] == kept  # the decode step saw the same buffers
+        torch.testing.assert_close(second, fresh, rtol=0, atol=0)
+
+
+def test_capacity_report_of_an_untimed_search(tmp_path):
+    """probe=fake estimates the batches without timing: the report says so instead of failing."""
+    from bench.report.build import build
+    from bench.report.views import CAPACITY_PLOT
+    from bench.rows.files import write_row
+    from bench.rows.schema import COLUMNS
+
+    for model, best in (("ouro", 2), ("melt", 9)):
+        write_row(tmp_path / model, {**dict.fromkeys(COLUMNS), "model": model, "size": "tiny", "loops": 4,
+                                     "seq_len": 64, "batch": best, "scenario": "generate", "status": "ok",
+                                     "probe": "fake", "dtype": "float32", "device": "cpu", "peak_bytes": 10,
+                                     "kv_bytes_analytic": 5, "budget_bytes": 100, "capacity_max_batch": best,
+                                     "capacity_first_oom": best + 1, "timestamp": "2026-01-01T00:00:00+00:00"})
+    build(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "MELT / LoopLM max batch 4.50, decode tok/s not timed (probe fake)" in text
+    assert (tmp_path / CAPACITY_PLOT).stat().st_size > 0
