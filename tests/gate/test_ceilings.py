@@ -139,18 +139,27 @@ def test_two_rows_for_one_point_are_refused(tmp_path):
         load_results(_folder(tmp_path, rows))
 
 
-def test_command_line_exit_codes(tmp_path):
+def test_command_line_exit_codes(tmp_path, capsys):
     folder = _folder(tmp_path, _rows())
     path = _update(tmp_path, folder)
-    cmd = [sys.executable, "-m", "bench.gate"]
-    ok = subprocess.run([*cmd, "check", str(folder), "--ceilings", str(path)], cwd=ROOT,
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    bad = subprocess.run([*cmd, "check", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such file or folder" in bad.stderr
-    usage = subprocess.run([*cmd, "check", str(folder), "--headroom", "0.1"], cwd=ROOT,
-                           capture_output=True, text=True)
-    assert usage.returncode == 2 and "--headroom goes with --update" in usage.stderr
+    capsys.readouterr()
+    assert main(["check", str(folder), "--ceilings", str(path)]) == 0
+    assert main(["check", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file or folder" in err
+    with pytest.raises(SystemExit) as usage:
+        main(["check", str(folder), "--headroom", "0.1"])
+    assert usage.value.code == 2 and "--headroom goes with --update" in capsys.readouterr().err
+
+
+def test_the_command_reads_results_without_torch(tmp_path):
+    """python -m bench.gate as CI runs it: its exit status, and no torch import to read YAML."""
+    code = ("import runpy, sys; sys.argv = ['bench.gate', 'check', sys.argv[1]]\n"
+            "try:\n    runpy.run_module('bench.gate', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('torch' in sys.modules, e.code)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nowhere")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.stdout.split() == ["False", "2"] and "no such file or folder" in run.stderr
 
 
 def test_committed_ceilings_files_load():

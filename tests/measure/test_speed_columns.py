@@ -147,6 +147,7 @@ def test_capacity_when_not_even_one_sequence_fits(tmp_path):
 
 
 # -- scripts/gpu_check.sh, in its CPU smoke mode ----------------------------------------------------
+@pytest.mark.slow  # nine run_bench.py launches
 def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     """The GPU check's steps (sweeps, copies to the reference folder, environment) on CPU at size
     tiny: the logic a GPU run depends on, minus the GPU. memory_vs_seq_len is there for the

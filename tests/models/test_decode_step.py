@@ -3,8 +3,6 @@ captures it whole and gives the same logits, and MELT's fused gate is the paper'
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -75,8 +73,7 @@ def test_compiled_step_captures_whole_and_matches_eager(name, options):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.skipif(os.environ.get("MELTBENCH_COMPILE_TEST") != "1",
-                    reason="a cold inductor compile takes ~30 s on 2 cores: MELTBENCH_COMPILE_TEST=1 runs it")
+@pytest.mark.slow  # a cold inductor compile takes ~30 s on 2 cores
 def test_inductor_compiled_step_matches_eager():
     """The real compiler (inductor: C++ kernels on CPU), on one model (a cold compile takes tens of
     seconds on 2 cores; the aot_eager test above covers every model's capture)."""

@@ -62,21 +62,17 @@ def test_the_compiled_step_sees_static_cache_buffers(monkeypatch):
     assert all(get_static_address_type(t) is not None for t in inputs)
 
 
-def test_a_one_process_sweep_compiles_more_points_than_the_recompile_limit(tmp_path):
+def test_a_one_process_sweep_compiles_more_points_than_the_recompile_limit():
     """dynamo keys compiled code on decode_step's code object, which every model shares: without a
     reset per point, the point after the recompile limit (8) fails with fullgraph=True. Ten points
-    of distinct shapes, compiled in one process (backend eager: dynamo's capture without kernels)."""
+    of distinct shapes, compiled in this one process as the basic launcher runs a sweep (backend
+    eager: dynamo's capture without kernels)."""
     lengths = [16, 18, 20, 22, 24, 26, 28, 30, 32, 34]
     assert len(lengths) > torch._dynamo.config.recompile_limit
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "run_bench.py"), "-m", "model=standard",
-         f"seq_len={','.join(map(str, lengths))}", "size=tiny", "scenario=decode", "new_tokens=2",
-         "repeats=1", "warmup=0", "compile=true", "compile_backend=eager", f"hydra.sweep.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    table = pd.read_csv(tmp_path / "table.csv")
-    assert len(table) == 10 and (table.status == "ok").all() and (table.timing_status == "ok").all()
-    assert table.compile.all() and table.decode_tokens_per_s.gt(0).all()
+    rows = [measure(_point(model="standard", seq_len=n, scenario="decode", new_tokens=2, compile=True,
+                           compile_backend="eager")) for n in lengths]
+    assert [(r["status"], r["timing_status"], r["error"], r["timing_error"]) for r in rows] == [("ok", "ok", None, None)] * 10
+    assert all(r["compile"] and r["decode_tokens_per_s"] > 0 for r in rows)
 
 
 # -- a failed timing pass is recorded, and the memory pass's columns stay ---------------------------------

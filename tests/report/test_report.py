@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from bench.report.build import build
+from bench.report.build import main as report_main
 from bench.report.memory import oom_frontier, ratio_table
 from bench.report.views import PLOTS, plot_view
 from bench.rows.files import RESULT_FILE, load_rows, write_row
@@ -156,10 +157,10 @@ def test_rebuild_from_a_gathered_table_keeps_it(tmp_path):
     pd.testing.assert_frame_equal(again, first)
 
 
-def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        report_main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"python -m bench.report: error: no result rows under {tmp_path}: no result.json and no table.parquet"]
     assert list(tmp_path.iterdir()) == []

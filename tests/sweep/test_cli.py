@@ -127,6 +127,7 @@ def test_bad_input_on_the_command_line_exits_2_and_writes_nothing(tmp_path, run_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a process per point: a torch import each
 def test_isolated_launcher_runs_each_point_in_its_own_process(tmp_path, run_bench):
     run = run_bench("-m", "hydra/launcher=isolated", "model=ouro,melt", "loops=2", "seq_len=32",
                     *FAST, f"hydra.sweep.dir={tmp_path}")
