@@ -25,7 +25,15 @@ def _static(device: str) -> dict:
 
 def info(device: str = "cpu") -> dict:
     """The environment columns of a row measured on `device` (cpu | cuda)."""
-    return {**_static(device), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**_static(device), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "node": os.environ.get("SLURMD_NODENAME") or platform.node(), "slurm_job_id": slurm_job_id()}
+
+
+def slurm_job_id() -> str | None:
+    """The Slurm job running this process as sacct names it (`<array job>_<task>` for an array
+    task, as submitit submits a sweep), or None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def _git_sha() -> str | None:

@@ -39,10 +39,7 @@ def measure(point: BenchConfig, timed: bool = True, folder: Path | None = None) 
     memory only (the capacity search's trials). `folder`: where a profile (profile=timeline or
     snapshot) writes its file; none without it."""
     start = time.perf_counter()
-    row = {**dict.fromkeys(COLUMNS), **identity(point), **machine.info(point.device), "status": "ok",
-           "policy": policy_name(point.model, point.kv_sharing)}
-    if point.model in MODEL_NAMES:  # what the point should take, even when it runs out of memory
-        row.update(predict_point(point).columns(point.scenario))
+    row = blank_row(point)
     try:
         row.update(_measure(point, timed, folder))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
@@ -54,6 +51,16 @@ def measure(point: BenchConfig, timed: bool = True, folder: Path | None = None) 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     row["wall_s"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def blank_row(point: BenchConfig) -> dict:
+    """A point's row before it is measured: its identity, design, environment and the memory the
+    model predicts for it (which stands even when the point runs out of memory or never runs)."""
+    row = {**dict.fromkeys(COLUMNS), **identity(point), **machine.info(point.device), "status": "ok",
+           "policy": policy_name(point.model, point.kv_sharing)}
+    if point.model in MODEL_NAMES:
+        row.update(predict_point(point).columns(point.scenario))
     return row
 
 

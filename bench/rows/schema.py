@@ -44,6 +44,7 @@ SCORE = ["scored_tokens", "nll", "perplexity"]
 # The capacity search (bench/measure/capacity.py), on its final row: the largest batch within the budget.
 CAPACITY = ["budget_bytes", "capacity_max_batch", "capacity_first_oom"]
 ENV = ["gpu_name", "torch_version", "cuda_version", "git_sha", "timestamp", "wall_s"]
+ENV += ["node", "slurm_job_id"]  # the machine that measured the row, and its Slurm job (empty outside Slurm)
 ENV += ["copy_bytes_per_s", "matmul_flops_per_s",  # measured once per run (bench/measure/machine.py)
         "device_bandwidth_bytes_per_s"]              # the GPU's theoretical bandwidth (NVML)
 COLUMNS = IDENTITY + DESIGN + STATUS + MEMORY + PREDICTED + SPEED + SCORE + CAPACITY + ENV
