@@ -57,7 +57,9 @@ def test_paper_table2_points_are_the_papers_models():
 def test_every_launcher_composes(launcher):
     cfg = _compose(f"hydra/launcher={launcher}", "experiment=default")
     target = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)["_target_"]
-    assert "submitit" in target
+    # the Slurm launchers are ours (hydra_plugins/meltbench_launcher.py), on submitit's
+    assert target == ("hydra_plugins.meltbench_launcher.MeltbenchSlurmLauncher" if launcher.startswith("slurm")
+                      else "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher")
     batch = cfg.hydra.sweeper.max_batch_size  # isolated: one point at a time
     assert batch == (1 if launcher == "isolated" else None)
 
