@@ -38,7 +38,8 @@ from .preflight import fail, job_settings
 
 log = logging.getLogger("bench")
 
-POLL_S = 2.0  # how often the jobs' states are read (one sacct call for all of them)
+POLL_S = 3.0  # how often the jobs' states are read (one sacct call for all of them)
+MISSING_POLLS = 3  # polls a job may be unknown to both sacct and the queue before it counts as gone
 # sbatch's refusals -> the launcher setting that asked for what the cluster cannot give
 REFUSALS = [(r"CPU count|cpus|processors", "cpus_per_task"), (r"[Mm]emory", "mem_gb"), (r"gres|GRES|gpu", "gpus_per_node"),
             (r"[Pp]artition", "partition"), (r"[Aa]ccount", "account"), (r"qos|QOS", "qos"),
@@ -82,16 +83,20 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
             to_run.append(i)
     params = [(list(job_overrides[i]), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
                Singleton.get_state()) for i in to_run]
-    jobs = []
+    jobs, lost = [], set()
     if params:
         try:
             jobs = executor.map_array(launcher, *zip(*params))
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,
                 subprocess.CalledProcessError, OSError) as e:
             fail(refusal(e, launcher.params))
-        wait(jobs, [" ".join(filter_overrides(job_overrides[i])) for i in to_run])
+        lost = wait(jobs, [" ".join(filter_overrides(job_overrides[i])) for i in to_run])
     for i, job in zip(to_run, jobs):
-        returns[i] = returned(launcher, job, list(job_overrides[i]), initial_job_idx + i)
+        if job.job_id in lost:
+            returns[i] = fault(launcher, job, list(job_overrides[i]), initial_job_idx + i, "cancelled",
+                               f"Slurm job {job.job_id}: cancelled before it started (no accounting record)")
+        else:
+            returns[i] = returned(launcher, job, list(job_overrides[i]), initial_job_idx + i)
     return [returns[i] for i in range(len(job_overrides))]
 
 
@@ -116,7 +121,7 @@ def returned(launcher, job, overrides: list[str], num: int) -> JobReturn:
     memory = _memory_kill(job)
     status = "out_of_memory" if memory else info["State"].split()[0].lower()
     error = (f"Slurm job {job.job_id} on {info['NodeList']}: {info['State']}, exit code {info['ExitCode']}"
-             f"{_signal(info['ExitCode'])}{memory or ''}, reason {info['Reason']}, after {info['Elapsed']}; "
+             f"{_signal(info['ExitCode'])}{memory or ''}{_reason(info['Reason'])}, after {info['Elapsed']}; "
              f"log {job.paths.stderr}")
     return fault(launcher, job, overrides, num, status, error, node=info["NodeList"])
 
@@ -148,25 +153,39 @@ def _returning(cfg, overrides: list[str], folder: Path, row: dict) -> JobReturn:
                      task_name=str(cfg.hydra.job.name), status=JobStatus.COMPLETED, _return_value=row)
 
 
-def wait(jobs: list, names: list[str]) -> None:
-    """Until every job has ended: one log line per job per change of its state (sacct's, read for
-    all the jobs at once by submitit's watcher)."""
+def wait(jobs: list, names: list[str]) -> set[str]:
+    """Until every job has ended: one sacct call a poll for all of them, one log line per job per
+    change of its state. -> the ids of array tasks cancelled before they started (Slurm keeps no
+    record of those, so submitit would wait for them forever: a task neither in sacct nor in the
+    queue for MISSING_POLLS polls in a row)."""
     seen: dict[str, str] = {}
-
-    def report() -> None:
+    missing: dict[str, int] = {}
+    while True:
+        jobs[0].watcher.update()  # every job's state, in one sacct call
+        queued = _queued(jobs) if any(job.state == "UNKNOWN" for job in jobs) else set()
         for job, name in zip(jobs, names):
-            state = {"UNKNOWN": "SUBMITTED"}.get(job.state, job.state)  # not in sacct yet
+            state = job.state
+            if state == "UNKNOWN":  # not in the accounting database (yet)
+                missing[job.job_id] = 0 if job.job_id in queued else missing.get(job.job_id, 0) + 1
+                state = "CANCELLED before it started" if missing[job.job_id] >= MISSING_POLLS else "SUBMITTED"
             if job.paths.result_pickle.exists() and state in ("RUNNING", "COMPLETING"):
                 state = "FINISHED"  # its result is in; Slurm says COMPLETED a moment later
             if seen.get(job.job_id) != state:
                 seen[job.job_id] = state
                 log.info("slurm job %s: %s | %s", job.job_id, state, name)
-
-    while not all(job.done() for job in jobs):
-        report()
+        lost = {job_id for job_id, polls in missing.items() if polls >= MISSING_POLLS}
+        if all(job.job_id in lost or job.done() for job in jobs):
+            return lost
         time.sleep(POLL_S)
-    jobs[0].watcher.update()  # every job's final state, in one sacct call
-    report()
+
+
+def _queued(jobs: list) -> set[str]:
+    """The ids of our array tasks and jobs that slurmctld still holds (pending, running, or ended
+    within its MinJobAge)."""
+    arrays = sorted({job.job_id.split("_")[0] for job in jobs})
+    out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i", "-j", ",".join(arrays)],
+                         capture_output=True, text=True, timeout=60).stdout
+    return set(out.split())
 
 
 def sacct(job_id: str) -> dict:
@@ -196,6 +215,11 @@ def _signal(exit_code: str) -> str:
         return f" (killed by signal {number}, {signal.Signals(number).name})" if number else ""
     except ValueError:
         return f" (killed by signal {number})"
+
+
+def _reason(reason: str) -> str:
+    """', reason <sacct's Reason>' when it says one (for an ended job it mostly says None)."""
+    return f", reason {reason}" if reason and reason not in ("None", "unknown") else ""
 
 
 def _last_line(e: Exception) -> str:
