@@ -66,6 +66,26 @@ def running_jobs(count: int, timeout: float = 180) -> list[str]:
     raise AssertionError(f"fewer than {count} jobs running after {timeout} s: {out!r}")
 
 
+def kill_python(job_id: str, timeout: float = 60) -> None:
+    """SIGKILL the job's Python process (the point), as the kernel's OOM killer or an operator would."""
+    import os
+    import signal
+
+    raw = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%A"], capture_output=True, text=True).stdout.strip()
+    deadline = time.time() + timeout
+    while time.time() < deadline:  # scontrol takes the array task's own job id
+        out = subprocess.run(["scontrol", "listpids", raw or job_id], capture_output=True, text=True).stdout
+        for pid in [int(line.split()[0]) for line in out.splitlines()[1:] if line.split()]:
+            try:
+                if open(f"/proc/{pid}/comm").read().startswith("python"):
+                    os.kill(pid, signal.SIGKILL)
+                    return
+            except OSError:
+                continue
+        time.sleep(0.5)
+    raise AssertionError(f"no Python process in job {job_id}")
+
+
 def test_a_slurm_sweep_measures_the_same_bytes_as_the_basic_launcher(tmp_path):
     points = ["model=ouro,melt", "loops=2,4", "repeats=0", *TINY]
     slurm = sweep(tmp_path / "slurm", *points)
@@ -76,7 +96,9 @@ def test_a_slurm_sweep_measures_the_same_bytes_as_the_basic_launcher(tmp_path):
     measured = pd.DataFrame(rows(tmp_path / "slurm")).sort_values(keys).reset_index(drop=True)
     local = pd.DataFrame(rows(tmp_path / "basic")).sort_values(keys).reset_index(drop=True)
     assert len(measured) == 4 and (measured.status == "ok").all()
-    columns = [c for c in MEMORY + PREDICTED if c.endswith("_bytes") and measured[c].notna().any()]
+    # every byte count of the probe and the memory model (the process's RSS is the OS's, not ours)
+    columns = [c for c in MEMORY + PREDICTED if c.endswith("_bytes") and c != "process_peak_rss_bytes"
+               and measured[c].notna().any()]
     pd.testing.assert_frame_equal(measured[keys + columns], local[keys + columns])
     assert measured.slurm_job_id.notna().all() and measured.node.notna().all()
     assert local.slurm_job_id.isna().all()
@@ -94,13 +116,12 @@ def test_a_cancelled_and_a_killed_job_become_rows_and_a_rerun_measures_only_them
                 "warmup=0", "device=cpu", "hydra.launcher.cpus_per_task=1", wait=False)
     first, second = running_jobs(2)
     subprocess.run(["scancel", first], check=True)
-    subprocess.run(["scancel", "--signal=KILL", "--batch", second], check=True)
+    kill_python(second)
     out, _ = run.communicate(timeout=900)
     assert run.returncode == 0, out[-3000:]
     by_job = {r["slurm_job_id"]: r for r in rows(tmp_path)}
     assert by_job[first]["status"] == "cancelled" and "CANCELLED by" in by_job[first]["error"]
-    assert by_job[second]["status"] == "failed"
-    assert "FAILED, exit code 0:9 (killed by signal 9, SIGKILL)" in by_job[second]["error"]
+    assert by_job[second]["status"] == "failed" and "FAILED, exit code" in by_job[second]["error"]
     survivors = [r for r in by_job.values() if r["status"] == "ok"]
     assert len(survivors) == 1 and survivors[0]["peak_bytes"] > 0
     table = pd.read_csv(tmp_path / "table.csv")
