@@ -25,7 +25,9 @@
 # 127.0.0.1 only), SLURM_CLUSTER_ETC_LINK (1). Slurm's own ports: 6817-6819 (its defaults).
 #
 # Why the main settings in slurm.conf (22.05, no cgroups):
-#   ProctrackType=proctrack/linuxproc, TaskPlugin=task/none: neither needs cgroups or systemd.
+#   ProctrackType=proctrack/pgid, TaskPlugin=task/none: neither needs cgroups or systemd; pgid (not
+#     linuxproc) so that ending a job (time limit, scancel) kills the batch shell's children too:
+#     a point runs in the batch shell (bench/sweep/slurm.py), and linuxproc let it outlive a TIMEOUT.
 #   JobAcctGatherType=jobacct_gather/linux, JobAcctGatherFrequency=task=1 and
 #     JobAcctGatherParams=OverMemoryKill: each step's memory is polled every second and a step
 #     over its --mem is killed (22.05 has no MemLimitEnforce any more). sacct then says FAILED
@@ -157,7 +159,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
 # No cgroups, no systemd:
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 # Scheduling: cores and memory are consumable; a queued job starts at once.
 SchedulerType=sched/backfill

@@ -151,6 +151,9 @@ def test_a_job_past_its_time_limit_is_a_timeout_row(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     (row,) = rows(tmp_path)
     assert row["status"] == "timeout" and "TIMEOUT" in row["error"], row["error"]
+    time.sleep(5)  # the point's process ends with its job: none is left running
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the timed-out job still run: {left}"
 
 
 def test_a_request_the_cluster_can_never_run_is_an_error_at_once(tmp_path):
