@@ -57,8 +57,6 @@ EXPENSIVE = {
     f"{PY} run_bench.py -m experiment=memory_vs_seq_len probe=fake size=ouro-1.4b "
     "dtype=bfloat16 model=ouro,melt seq_len=8192,32768 mem_limit_mib=24000":
         "Ouro-1.4B shapes at up to 32K tokens under the fake probe: a minute or two",
-    f"{PY} run_bench.py -m experiment=memory_vs_seq_len hydra/launcher=slurm "
-    "hydra.launcher.partition=gpu hydra.launcher.timeout_min=30": "needs a Slurm cluster with GPUs",
     f"{PY} run_bench.py -m experiment=ci": "about a minute; tests/gate/test_ci_ceilings.py runs this sweep",
     f"{PY} -m bench.gate check results/ci":
         "needs results/ci from the ci sweep; tests/gate/test_ci_ceilings.py runs this check on it",
