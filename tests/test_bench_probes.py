@@ -172,3 +172,19 @@ def test_a_model_whose_chunks_are_not_affine_fails_the_check(monkeypatch):
     row = measure(_fake_point(model="loopcoder", kv_window=500))
     assert row["status"] == "error" and "do not run the same ops" in row["error"]
 
+
+@pytest.mark.parametrize("options", [dict(size="tiny", seq_len=1000, chunk_size=300),
+                                     dict(size="small", seq_len=600, chunk_size=128, dtype="bfloat16", batch=2),
+                                     dict(size="small", seq_len=700, prefill="one_pass")])
+def test_the_fake_probe_estimates_the_peer_s_prefill_as_tracked_measures_it(options):
+    """hf_llama under the fake probe: its prefill (transformers' forward into a DynamicCache) only."""
+    from bench.config import BenchConfig, resolve
+    from bench.runner import measure
+
+    rows = [measure(resolve(BenchConfig(model="hf_llama", scenario="prefill", probe=probe, repeats=0,
+                                        warmup=0, **{"dtype": "float32", **options})))
+            for probe in ("tracked", "fake")]
+    assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows]
+    columns = ["baseline_bytes", "kv_bytes_measured", "peak_prefill_bytes",
+               *(f"prefill_{c}_bytes" for c in ("weights", "kv", "activations"))]
+    assert [rows[0][c] for c in columns] == [rows[1][c] for c in columns]
