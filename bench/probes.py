@@ -208,8 +208,9 @@ class FakeLiveTensors(LiveTensors, CachedFakeTensorMode):
 
     def prefill_chunks(self, bounds: list[tuple[int, int]]):
         """The chunks [(begin, end)] of a prefill (last_only) that CausalLM.forward runs under this
-        mode, for a model with affine_chunks: chunks 2 .. m have one size C (m as far as it goes);
-        all run but 4 .. m-1. Why the prefill's peak and its breakdown stay those of every chunk:
+        mode, for a model with affine_chunks: chunks 2 .. m have one size C (m as far as it goes,
+        short of the final chunk); all run but 4 .. m-1. Why the prefill's peak and its breakdown
+        stay those of running every chunk:
 
         Fake tensors hold no data, and the prefill keeps no chunk's output but the last: a skipped
         chunk changes nothing later chunks or the decode see, only the peak it would reach. Chunk
@@ -222,13 +223,14 @@ class FakeLiveTensors(LiveTensors, CachedFakeTensorMode):
         the peak is first reached, and its breakdown taken, in chunk m, skipping or not. (A memory
         limit is crossed in a skipped chunk only if in chunk 2 or m too: the row is oom either way.)
         Chunks 0 and 1 differ (no mask in chunk 0; in chunk 1 ops first called miss FakeTensorMode's
-        cache and run its decompositions, nested) and run, as does a last chunk of another size.
+        cache and run its decompositions, nested) and run, as does the final chunk (it may end at
+        the cache's last row, where reading rows 0 .. L is an alias of the buffer, not a slice).
 
         Checked as it runs: chunks 2, 3 and m must dispatch the same ops, with live bytes after
         each exactly affine in k, and start and end at the same live bytes (nothing is left
         behind); else this raises. With a timeline (profile=timeline) every chunk runs."""
         first, last = 2, 2
-        while last + 1 < len(bounds) and bounds[last + 1][1] - bounds[last + 1][0] == bounds[first][1] - bounds[first][0]:
+        while last + 2 < len(bounds) and bounds[last + 1][1] - bounds[last + 1][0] == bounds[first][1] - bounds[first][0]:
             last += 1
         if self.timeline is not None or last < 5:
             yield from bounds
