@@ -22,6 +22,13 @@ class CausalLM(nn.Module):
 
     arch: str = ""
     compilable = True  # decode_step goes under torch.compile whole (models/runtime.py)
+    # Whether every full-size prefill chunk from the third on runs the same ops, on tensors whose
+    # sizes depend on where the chunk starts only through one key axis of length L = start + C (the
+    # mask [C, L] and what attend / SDPA make of it; the cache is read through views [B, Hkv, L, D]).
+    # The fake probe may then skip chunks (bench/measure/probes.py, FakeLiveTensors.prefill_chunks).
+    # True for the standard model, the LoopLM (every policy) and MELT; not for LoopCoder, whose
+    # window attention gathers min(start, W - 1) earlier rows.
+    affine_chunks = False
     # Checkpoint keys a model may lack (freshly initialised) or ignore when loading.
     optional_keys: tuple[str, ...] = ()
     ignored_keys: tuple[str, ...] = ()
@@ -145,7 +152,12 @@ class CausalLM(nn.Module):
         if cache is None and (len(bounds) > 1 or self.needs_cache()):
             cache = self.new_cache(B, S)
         hidden = []
-        for begin, end in bounds:
+        chunks = bounds
+        if last_only and self.affine_chunks:
+            # Fake tensors hold no data: the fake memory probe runs only the chunks that bound the peak.
+            fake = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+            chunks = fake.prefill_chunks(bounds) if hasattr(fake, "prefill_chunks") else bounds
+        for begin, end in chunks:
             if last_only:  # earlier chunks only fill the cache: free their output before the next
                 hidden.clear()
             # The chunk's embedding [B, C, d] is not named here: the layers free it once used.

@@ -106,6 +106,7 @@ def _fuse_gate(module: LatentGate, state_dict: dict, prefix: str, *args) -> None
 
 class MeltLM(CausalLM):
     arch = "melt"
+    affine_chunks = True  # the fake probe may skip prefill chunks (CausalLM.affine_chunks)
     optional_keys = ("model.latent_gates.",)  # absent from a LoopLM checkpoint: freshly initialised
 
     def __init__(self, config: LoopConfig):

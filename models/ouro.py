@@ -49,6 +49,7 @@ def exit_loops_by_threshold(gate_logits: torch.Tensor, q: float) -> torch.Tensor
 
 class OuroLM(CausalLM):
     arch = "ouro"
+    affine_chunks = True  # the fake probe may skip prefill chunks (CausalLM.affine_chunks)
 
     def __init__(self, config: LoopConfig):
         super().__init__(config)

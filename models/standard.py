@@ -14,6 +14,7 @@ from .layers import Positions
 
 class StandardLM(CausalLM):
     arch = "standard"
+    affine_chunks = True  # the fake probe may skip prefill chunks (CausalLM.affine_chunks)
     ignored_keys = ("model.early_exit_gate.",)  # present in Ouro checkpoints, unused here
 
     def num_cache_slots(self) -> int:

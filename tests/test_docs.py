@@ -51,9 +51,9 @@ EXPENSIVE = {
         "a sweep of 24 points: minutes",
     f"{PY} run_bench.py -m probe=fake size=ouro-1.4b dtype=bfloat16 loops=4 seq_len=32000 "
     "model=standard,ouro,melt new_tokens=4":
-        "Ouro-1.4B shapes at 32K tokens under the fake probe: a few minutes",
+        "Ouro-1.4B shapes at 32K tokens under the fake probe: about half a minute",
     f"{PY} run_bench.py -m experiment=paper_table2":
-        "full-size shapes at 32K tokens under the fake probe: a few minutes",
+        "full-size shapes at 32K tokens under the fake probe: under a minute",
     f"{PY} run_bench.py -m experiment=memory_vs_seq_len probe=fake size=ouro-1.4b "
     "dtype=bfloat16 model=ouro,melt seq_len=8192,32768 mem_limit_mib=24000":
         "Ouro-1.4B shapes at up to 32K tokens under the fake probe: a minute or two",

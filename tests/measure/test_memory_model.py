@@ -86,3 +86,19 @@ def test_estimates_compare_fake_and_prediction_with_cuda_rows(tmp_path):
     assert table["fake error %"].round(6).tolist() == [-2.0, 2.0]
     assert table["predicted error %"].round(6).tolist() == [5.0, 0.0]
     assert main([str(tmp_path / "fake"), str(tmp_path / "fake")]) == 2  # nothing measured there
+
+
+@pytest.mark.parametrize("model", ["standard", "ouro", "melt"])
+def test_the_fake_probe_equals_the_prediction_where_it_skips_chunks(model):
+    """Size small, 8000 tokens in chunks of 500: the fake probe runs 5 of the 16 prefill chunks
+    (bench/measure/probes.py, FakeLiveTensors.prefill_chunks); its peaks and their parts still equal the
+    analytic model's, to the byte."""
+    from bench.config import BenchConfig, resolve
+    from bench.measure.point import measure
+
+    row = measure(resolve(BenchConfig(model=model, size="small", seq_len=8000, chunk_size=500, loops=3,
+                                      new_tokens=3, probe="fake", repeats=0, warmup=0)))
+    assert row["status"] == "ok", row["error"]
+    for phase in ("prefill", "decode"):
+        assert row[f"peak_{phase}_bytes"] == row[f"predicted_{phase}_bytes"], phase
+        assert row[f"{phase}_activations_bytes"] == row[f"predicted_{phase}_activations_bytes"], phase

@@ -112,3 +112,82 @@ def test_an_nvml_failure_leaves_the_nvml_columns_empty(monkeypatch, failing):
     else:
         assert machine.nvml_used_bytes() == (None, None) and CudaProbe().nvml() == {}
         assert bandwidth == 2 * 2619e6 * 5120 / 8
+
+
+# -- the fake probe's speed-ups (bench/measure/probes.py, FakeLiveTensors): the same bytes as plain fake dispatch
+
+BYTES = ["baseline_bytes", "kv_bytes_measured", "peak_prefill_bytes", "peak_decode_bytes",
+         *(f"{phase}_{c}_bytes" for phase in ("prefill", "decode") for c in ("weights", "kv", "activations"))]
+
+
+def _fake_point(**kw):
+    from bench.config import BenchConfig, resolve
+
+    # 11 chunks: 0 .. 9 of 96 tokens and one of 40, so chunks 4 .. 8 are skipped
+    base = dict(size="tiny", seq_len=1000, chunk_size=96, new_tokens=3, loops=3, probe="fake", repeats=0, warmup=0)
+    return resolve(BenchConfig(**{**base, **kw}))
+
+
+def _plain_fake_dispatch(monkeypatch, model_class):
+    """Every fake op through FakeTensorMode's own path, every chunk run: the probe before its speed-ups."""
+    from bench.measure import probes
+    from bench.measure.fake_dispatch import CachedFakeTensorMode
+
+    monkeypatch.setattr(CachedFakeTensorMode, "_memo_key", lambda self, func, args, kwargs: None)
+    monkeypatch.setattr(probes, "META_QUERIES", {})
+    monkeypatch.setattr(model_class, "affine_chunks", False)
+
+
+@pytest.mark.parametrize("model, options", [
+    ("standard", {}), ("ouro", {}), ("ouro", {"kv_sharing": "mean_loops"}), ("ouro", {"kv_sharing": "first_writes"}),
+    ("ouro", {"exit_policy": "threshold"}), ("melt", {}), ("melt", {"cache_update": "ema", "batch": 2}),
+    # 10 chunks of 96, the final one ending at the cache's last row (its read is an alias, not a slice)
+    ("standard", {"scenario": "prefill", "seq_len": 960}), ("melt", {"scenario": "prefill", "seq_len": 960}),
+])
+def test_the_fake_probe_s_shortcuts_keep_every_byte(model, options, monkeypatch):
+    """The memo of FakeTensorMode's dispatch cache, the metadata queries answered directly and the
+    prefill chunks skipped (FakeLiveTensors.prefill_chunks) change no byte of the row."""
+    import models
+    from bench.measure.probes import FakeLiveTensors
+    from bench.measure.point import measure
+
+    ran = []
+    prefill_chunks = FakeLiveTensors.prefill_chunks
+    with monkeypatch.context() as m:
+        m.setattr(FakeLiveTensors, "prefill_chunks", lambda self, bounds: (
+            ran.append(chunk) or chunk for chunk in prefill_chunks(self, bounds)))
+        fast = measure(_fake_point(model=model, **options))
+    assert fast["status"] == "ok", fast["error"]
+    final = -(-options.get("seq_len", 1000) // 96) - 1
+    assert [begin // 96 for begin, _ in ran] == [0, 1, 2, 3, final - 1, final]  # 4 .. final-2 skipped
+    _plain_fake_dispatch(monkeypatch, models.MODEL_CLASSES[model])
+    plain = measure(_fake_point(model=model, **options))
+    assert {c: fast[c] for c in BYTES} == {c: plain[c] for c in BYTES}
+
+
+def test_a_model_whose_chunks_are_not_affine_fails_the_check(monkeypatch):
+    """LoopCoder's window attention gathers min(start, W - 1) earlier rows: claimed affine, the
+    chunks 2, 3 and 9 it runs give it away (the row is an error, not a wrong number)."""
+    import models
+    from bench.measure.point import measure
+
+    monkeypatch.setattr(models.LoopCoderLM, "affine_chunks", True)
+    row = measure(_fake_point(model="loopcoder", kv_window=500))
+    assert row["status"] == "error" and "do not run the same ops" in row["error"]
+
+
+@pytest.mark.parametrize("options", [dict(size="tiny", seq_len=1000, chunk_size=300),
+                                     dict(size="small", seq_len=600, chunk_size=128, dtype="bfloat16", batch=2),
+                                     dict(size="small", seq_len=700, prefill="one_pass")])
+def test_the_fake_probe_estimates_the_peer_s_prefill_as_tracked_measures_it(options):
+    """hf_llama under the fake probe: its prefill (transformers' forward into a DynamicCache) only."""
+    from bench.config import BenchConfig, resolve
+    from bench.measure.point import measure
+
+    rows = [measure(resolve(BenchConfig(model="hf_llama", scenario="prefill", probe=probe, repeats=0,
+                                        warmup=0, **{"dtype": "float32", **options})))
+            for probe in ("tracked", "fake")]
+    assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows]
+    columns = ["baseline_bytes", "kv_bytes_measured", "peak_prefill_bytes",
+               *(f"prefill_{c}_bytes" for c in ("weights", "kv", "activations"))]
+    assert [rows[0][c] for c in columns] == [rows[1][c] for c in columns]

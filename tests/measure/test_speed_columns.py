@@ -31,8 +31,11 @@ def test_hf_llama_row_through_the_same_probe_and_timers():
 
 
 def test_hf_llama_refuses_the_fake_probe_and_checkpoints_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match=r"^probe: fake cannot run hf_llama .*; allowed: auto \| tracked \| cuda$"):
-        _point(model="hf_llama", probe="fake")
+    for scenario in ("decode", "generate"):
+        with pytest.raises(ConfigError, match=rf"^probe: fake cannot run hf_llama's {scenario} .*; "
+                                              r"allowed: auto \| tracked \| cuda, or scenario=prefill$"):
+            _point(model="hf_llama", probe="fake", scenario=scenario)
+    assert _point(model="hf_llama", probe="fake", scenario="prefill").probe == "fake"  # no generate
     with pytest.raises(ConfigError, match=r"^checkpoint: hf_llama is built with random weights"):
         _point(model="hf_llama", checkpoint=str(tmp_path))
 

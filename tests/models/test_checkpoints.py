@@ -6,7 +6,6 @@ the model exactly or is refused with one line naming the field."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from bench.measure.point import measure
 from models import ConfigError, MeltLM, OuroLM, StandardLM, build_model
 from models.checkpoints import INDEX_NAME, WEIGHTS_NAME, locate
 
-from conftest import OURO_KEYS, save_ouro_checkpoint
+from conftest import save_ouro_checkpoint
+
 
 def _same_logits(a, b):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))

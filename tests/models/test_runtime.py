@@ -6,7 +6,6 @@ handle under MIG, rows labelled by the device they ran on, and the fair prefill 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
