@@ -130,7 +130,9 @@ def fault(launcher, job, overrides: list[str], num: int, status: str, error: str
           node: str | None = None) -> JobReturn:
     """Write the point's row, with the scheduler's verdict, where its job would have."""
     cfg, point, folder = _point(launcher, overrides, num)
-    row = {**blank_row(point), "status": status, "error": error, "slurm_job_id": job.job_id, "node": node}
+    # measured nowhere: no device name (blank_row names this machine's), the node Slurm gave it
+    row = {**blank_row(point), "status": status, "error": error, "slurm_job_id": job.job_id, "node": node,
+           "gpu_name": None}
     write_row(folder, row)
     log.warning("slurm job %s: %s -> %s: %s", job.job_id, status, folder / "result.json", error)
     return _returning(cfg, overrides, folder, row)
