@@ -25,10 +25,14 @@ tests/test_bench_probes.py compares the fake probe's bytes with and without all 
 from __future__ import annotations
 
 import torch
-from torch._subclasses._fake_tensor_utils import _CacheKeyState
-from torch._subclasses.fake_tensor import _DISPATCH_META_HANDLERS as META_QUERIES  # noqa: F401 (re-exported)
-from torch._subclasses.fake_tensor import (_BypassDispatchCache, _DispatchCacheValidEntry, FakeTensor,
-                                           FakeTensorMode)
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+try:  # FakeTensorMode's private parts, as in torch 2.13; a torch without them takes the full path
+    from torch._subclasses._fake_tensor_utils import _CacheKeyState
+    from torch._subclasses.fake_tensor import _DISPATCH_META_HANDLERS as META_QUERIES  # noqa: F401 (re-exported)
+    from torch._subclasses.fake_tensor import _BypassDispatchCache, _DispatchCacheValidEntry
+except ImportError:
+    _CacheKeyState, META_QUERIES = None, {}
 
 _UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
 
@@ -45,6 +49,8 @@ class CachedFakeTensorMode(FakeTensorMode):
 
     def fake_dispatch(self, func, types, args, kwargs):
         """What FakeTensorMode.__torch_dispatch__(func, types, args, kwargs) returns."""
+        if _CacheKeyState is None:
+            return FakeTensorMode.__torch_dispatch__(self, func, types, args, kwargs)
         key = self._memo_key(func, args, kwargs) if self.cache_enabled else None
         hit = self._memo.get(key) if key is not None else None
         if hit is not None and hit[1] is not None:  # what FakeTensorMode._cached_dispatch_impl does on a hit
