@@ -22,6 +22,7 @@ SPEED = "results/reference/cpu-speed"
 TRAINING = "results/reference/training"
 PAPER = "results/reference/paper_table2"
 POLICIES = "results/reference/policies"
+H200 = "results/reference/NVIDIA_H200"
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,40 @@ def policies_pipeline_wall(root: Path) -> str:
     return f"{round(seconds / 60)} min"
 
 
+def h200_memory(root: Path) -> str:
+    """CUDA peak against prompt length on the H200 (loops 4, Ouro-1.4B, bfloat16), MELT / LoopLM,
+    and the share of MELT's peak that is neither weights nor KV cache."""
+    df = _rows(root, f"{H200}/memory_vs_seq_len")
+    rows = []
+    for n in sorted(df.seq_len.unique()):
+        peak = {m: _at(df, "peak_bytes", model=m, seq_len=n) for m in ("standard", "ouro", "melt")}
+        melt = df[(df.model == "melt") & (df.seq_len == n)].iloc[0]
+        rest = 1 - (melt.weights_bytes + melt.kv_bytes_analytic) / melt.peak_bytes
+        rows.append([f"{n:,}", *(_mib(v) for v in peak.values()), f"{peak['melt'] / peak['ouro']:.3f}",
+                     f"{100 * rest:.2f} %"])
+    return _markdown(["prompt tokens", "standard", "LoopLM (Ouro)", "MELT", "MELT / LoopLM",
+                      "MELT beyond weights + KV"], rows)
+
+
+def h200_estimate_error(root: Path) -> str:
+    """Largest |estimate / CUDA peak - 1| in %, of the fake probe and of the memory model."""
+    df = _csv(root / H200 / "estimates" / "estimate_vs_cuda.csv")
+    return (f"{df['fake error %'].abs().max():.2f} % (fake probe) and "
+            f"{df['predicted error %'].abs().max():.2f} % (memory model)")
+
+
+def h200_decode(root: Path) -> str:
+    """Decode tokens/s and bandwidth utilization at 4,096 tokens: eager, and compiled where it ran."""
+    rows = []
+    for folder, label in (("decode_speed_eager", "eager"), ("decode_speed", "compiled, CUDA graphs")):
+        df = _rows(root, f"{H200}/{folder}")
+        for model in ("standard", "hf_llama", "ouro", "melt"):
+            if (df.model == model).any():
+                rows.append([model, label, f"{_at(df, 'decode_tokens_per_s', model=model):.1f}",
+                             f"{100 * _at(df, 'bandwidth_utilization', model=model):.1f} %"])
+    return _markdown(["model", "decode step", "tokens/s", "bandwidth util"], rows, left=2)
+
+
 QUOTES: dict[str, Quote] = {
     "cpu.headline": Quote((f"{CPU}/table.csv",), cpu_headline, table=True),
     "cpu.loops1": Quote((f"{CPU}/table.csv",), cpu_loops1, table=True),
@@ -285,5 +320,9 @@ QUOTES: dict[str, Quote] = {
     "policies.quality": Quote((f"{POLICIES}/table.csv",), policies_quality, table=True),
     "policies.drift": Quote((f"{POLICIES}/drift.csv",), policies_drift, table=True),
     "policies.pipeline_wall": Quote((f"{POLICIES}/run.json",), policies_pipeline_wall),
+    "h200.memory": Quote((f"{H200}/memory_vs_seq_len/table.csv",), h200_memory, table=True),
+    "h200.estimate_error": Quote((f"{H200}/estimates/estimate_vs_cuda.csv",), h200_estimate_error),
+    "h200.decode": Quote((f"{H200}/decode_speed_eager/table.csv", f"{H200}/decode_speed/table.csv"),
+                         h200_decode, table=True),
     "layout.imports": Quote(tuple(str(part_file(Path("."), p)) for p in PARTS), imports_table, table=True),
 }
