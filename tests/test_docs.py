@@ -107,7 +107,7 @@ EXPENSIVE = {
         "tiny checkpoint",
     "scripts/gpu_check.sh": "needs a CUDA GPU",
     "GPU_CHECK_SMOKE=1 scripts/gpu_check.sh": "about a minute; tests/measure/test_speed_columns.py runs it",
-    'GPU_CHECK_ONLY="decode_speed capacity" scripts/gpu_check.sh':
+    'GPU_CHECK_ONLY="decode_compiled capacity" GPU_CHECK_STEP_S=240 scripts/gpu_check.sh':
         "needs a CUDA GPU; tests/measure/test_speed_columns.py runs it in smoke mode",
 }
 

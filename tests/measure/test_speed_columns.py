@@ -165,7 +165,7 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
                          text=True, timeout=600,
                          env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path),
-                              "GPU_CHECK_ONLY": "memory_vs_seq_len decode_speed capacity"})
+                              "GPU_CHECK_ONLY": "memory_vs_seq_len decode_speed capacity estimates"})
     assert run.returncode == 0, run.stderr[-3000:]
     ref = tmp_path / "reference"
     for experiment in ("decode_speed", "capacity"):
@@ -233,3 +233,31 @@ def test_capacity_report_of_an_untimed_search(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "MELT / LoopLM max batch 4.50, decode tok/s not timed (probe fake)" in text
     assert (tmp_path / CAPACITY_PLOT).stat().st_size > 0
+
+
+def _gpu_check(tmp_path, **env) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    from conftest import ROOT
+
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path), **env})
+
+
+def test_gpu_check_step_limit_moves_on_and_records_the_limit(tmp_path):
+    """A step stopped by GPU_CHECK_STEP_S (here before its first point: 1 s is less than Python's
+    start-up) is reported and the check goes on to the next step and its environment file: on a
+    GPU lease, one slow step must not cost the others."""
+    run = _gpu_check(tmp_path, GPU_CHECK_ONLY="memory_vs_seq_len policies", GPU_CHECK_STEP_S="1")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    for step in ("memory_vs_seq_len", "policies"):
+        assert f"gpu_check: {step} stopped after GPU_CHECK_STEP_S=1 s" in run.stdout
+        assert f"gpu_check: {step} measured no point" in run.stdout
+    assert "(GPU_CHECK_STEP_S=1)" in (tmp_path / "reference" / "environment.txt").read_text()
+
+
+def test_gpu_check_names_the_steps_it_has(tmp_path):
+    run = _gpu_check(tmp_path, GPU_CHECK_ONLY="memory_vs_seq_len decode_fast")
+    assert run.returncode == 2
+    assert "no step 'decode_fast'; allowed:" in run.stderr and "decode_compiled" in run.stderr
