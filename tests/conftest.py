@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Test files that take longest, in that order: run first, so that with a worker per core (make test:
 # pytest-xdist, --dist loadfile) the short ones fill in around them instead of one long file
 # running alone at the end. Every other file keeps its place after these.
-LONGEST_FIRST = ["gate/test_ci_ceilings.py", "test_docs.py", "sweep/test_cli.py", "models/test_runtime.py",
+LONGEST_FIRST = ["gate/test_ci_ceilings.py", "test_docs.py", "gate/test_policy_ceilings.py", "sweep/test_cli.py", "models/test_runtime.py",
                  "measure/test_scored_text.py", "training/test_design_quality.py", "training/test_training.py",
                  "models/test_models.py", "models/test_cache_policies.py"]
 
