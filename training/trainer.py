@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,20 +111,60 @@ def _progress(what: str, step: int, sched: Schedule, start: float, **values: flo
     log.info("%s step %d/%d | %s | %.0f s", what, step + 1, sched.steps, figures, time.perf_counter() - start)
 
 
+@dataclass
+class Resume:
+    """A long pretraining's state, saved every `every` steps to `path` (model, optimizer, step,
+    losses, wall seconds so far and `identity`, the settings that made it). A run that finds a
+    state with the same identity continues from it: the data stream is replayed to the same batch,
+    so the result is the one an uninterrupted run gives. every = 0: never saved."""
+    path: Path
+    identity: dict
+    every: int = 0
+    wall_before: float = 0.0      # seconds of the run(s) the state came from, once loaded
+
+    def load(self, model: CausalLM, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+        """-> (steps already done, their losses); (0, []) without a matching state."""
+        if not self.path.exists():
+            return 0, []
+        state = torch.load(self.path, map_location=model.device, weights_only=False)
+        if state["identity"] != self.identity:
+            return 0, []
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        self.wall_before = state["wall_s"]
+        log.info("resuming %s at step %d (%.0f s of training so far)", self.path.parent, state["step"], state["wall_s"])
+        return state["step"], state["losses"]
+
+    def save(self, model: CausalLM, opt: torch.optim.Optimizer, step: int, losses: list[float], wall: float) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"identity": self.identity, "step": step, "losses": losses, "wall_s": self.wall_before + wall,
+                    "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+        tmp.replace(self.path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def train_lm(model: CausalLM, data: TaskData, sched: Schedule, lr: float, weight_decay: float = 0.0,
-             exit_loss: str = "last", what: str = "teacher") -> list[float]:
+             exit_loss: str = "last", what: str = "teacher", resume: Resume | None = None) -> list[float]:
     """Pretrain a LoopLM (all loops in parallel over the full sequence) or the standard model on
-    the task: CE averaged over loop exits. Returns the loss per step."""
+    the task: CE averaged over loop exits. Returns the loss per step. With `resume`, continues a
+    saved state of the same settings and saves its own every resume.every steps."""
     model.train()
     opt = _optimizer([{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}])
-    start, losses = time.perf_counter(), []
-    for step in range(sched.steps):
+    first, losses = resume.load(model, opt) if resume else (0, [])
+    for _ in range(first):                                  # replay the stream up to the saved step
+        data.next_batch()
+    start = time.perf_counter()
+    for step in range(first, sched.steps):
         tokens, mask = (t.to(model.device) for t in data.next_batch())
         out = loop_forward(model, tokens, alpha=0.0)
         loss = exits_ce(out, targets(tokens, mask), exit_loss)
         _step(opt, model, loss, sched, step)
         losses.append(loss.item())
         _progress(what, step, sched, start, loss=losses[-1])
+        if resume and resume.every and (step + 1) % resume.every == 0 and step + 1 < sched.steps:
+            resume.save(model, opt, step + 1, losses, time.perf_counter() - start)
     model.eval()
     return losses
 
