@@ -106,3 +106,63 @@ def test_cached_and_uncached_bits_per_byte_agree():
             lp = torch.log_softmax(m(tokens).float(), -1)[:, :-1].gather(2, tokens[:, 1:, None])[..., 0]
         full = summarize(lp, torch.ones_like(lp, dtype=torch.bool), byte_mask(tokens)[:, :-1])
         assert e["bits_per_byte"] == pytest.approx(full["bits_per_byte"], rel=1e-5)
+
+
+# -- the text teacher set in the policies pipeline --------------------------------------------------
+
+def _compose(*overrides):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from training import config as train_config
+
+    train_config.register()
+    root = Path(__file__).resolve().parent.parent
+    with initialize_config_dir(config_dir=str(root / "conf" / "train"), version_base="1.3"):
+        return train_config.resolve(compose("config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+policies.overrides.text.teacher.steps=0", "teacher.steps: text teacher set: got 0; allowed: an integer >= 1"),
+    ("+policies.overrides.nope.teacher.steps=3", "policies.overrides: unknown teacher set 'nope'; allowed: "),
+    ("+policies.overrides.text.teacher.nope=3", "policies.overrides.text.teacher.nope: not a setting of train_melt.py"),
+    ("+policies.overrides.text.text.prompt_len=300", "text.prompt_len: text teacher set: 300 leaves nothing"),
+    ("+policies.overrides.text.policies.window=256", "policies.window: 256 covers a whole sequence of the text"),
+    ("data=nope", "data: unknown value 'nope'; allowed: hops | text"),
+])
+def test_bad_text_settings_are_one_line(override, message):
+    with pytest.raises(ValueError) as e:
+        _compose("preset=text", override)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_text_quick_pipeline_end_to_end_and_resumed(tmp_path):
+    """preset=text_quick: every design on the text teacher, bits per byte on every row, checkpoints
+    that carry the byte tokenizer; a second run reuses every checkpoint and measures the same."""
+    import json
+
+    import pandas as pd
+    from transformers import PreTrainedTokenizerFast
+
+    from training.policies import run
+
+    c = _compose("preset=text_quick", f"out_dir={tmp_path}")
+    run(c)
+    df = pd.read_csv(tmp_path / "quality.csv")
+    assert set(df.teacher) == {"text"} and df.bits_per_byte.notna().all()
+    assert (df.bits_per_byte - df.heldout_loss / math.log(2)).abs().max() < 1e-9
+    assert set(df[df.training == "post-trained"].policy) == {"melt", "first_writes", "loopcoder"}
+    assert df[df.policy == "loopcoder"].kv_window.iloc[0] == 8                  # the set's own window
+    for folder in sorted((tmp_path / "checkpoints" / "text").iterdir()):
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        assert tok("x = 1\n", add_special_tokens=False)["input_ids"] == list(b"x = 1\n"), folder.name
+        assert not (folder / "partial.pt").exists()
+    exits = pd.read_csv(tmp_path / "exits.csv")
+    assert list(exits.exit) == [1, 2, 3, 4] and exits.bits_per_byte.notna().all()
+    run(c)
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert sorted(info["reused"]) == sorted(f"text/{m}" for m in ("teacher", "standard", "melt", "first_writes",
+                                                                   "loopcoder"))
+    again = pd.read_csv(tmp_path / "quality.csv")
+    pd.testing.assert_frame_equal(df.drop(columns="train_wall_s"), again.drop(columns="train_wall_s"))

@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, Dict, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +38,17 @@ TEACHERS = {
              "trained like Ouro: the loss at every loop exit, so every loop is a usable model; 2 layers"),
     "last_exit": ({"model.num_hidden_layers": 1, "teacher.exit_loss": "last"},
                   "train_melt.py's teacher: 1 layer, the loss at the last exit only"),
+    "text": ({"data": "text", "batch_size": 16, "model.num_hidden_layers": 2, "model.hidden_size": 128,
+              "model.intermediate_size": 512, "model.num_attention_heads": 4, "teacher.exit_loss": "mean",
+              "teacher.steps": 1000, "teacher.lr": 2e-3, "teacher.warmup": 100, "teacher.init_std": 0.02,
+              "teacher.save_every": 100, "melt.chunk_size": 64, "melt.phase1_steps": 50, "melt.phase2_steps": 100,
+              "melt.lr_pretrained": 1e-3, "melt.lr_gate": 1e-2, "eval.eval_size": 128, "policies.window": 64},
+             "stdlib Python source, byte-level, trained like Ouro (the loss at every exit); 2 layers, d = 128"),
+}
+# What a pipeline trains and scores its models on (TrainConfig.data).
+DATA = {
+    "hops": "training/task.py: multi-hop lookups in a random permutation (the task settings)",
+    "text": "training/corpus.py: Python source of the interpreter's standard library, byte-level",
 }
 # The policies that are post-trained like MELT (distilled from the teacher), beside MELT itself.
 POST_TRAINED = ("melt", "first_writes", "loopcoder")
@@ -49,6 +60,14 @@ class TaskSettings:
     chain: int = 3            # generated symbols per query block, each max_hops hops from the last
     blocks: int = 8           # query blocks per sequence (the last is evaluated)
     max_hops: int = 2         # hops of the evaluated block (earlier blocks draw 1..max_hops)
+
+
+@dataclass
+class TextSettings:
+    """The text setting (data=text): windows of the stdlib corpus (training/corpus.py)."""
+    seq_len: int = 256        # bytes per training window and per held-out window
+    prompt_len: int = 128     # held-out scoring: bytes prefilled; the rest go through decode steps
+    files: int = 0            # 0: every listed file; n: the first n of each split (the CI variant)
 
 
 @dataclass
@@ -72,6 +91,7 @@ class TeacherSettings:
     # at lr 3e-3.
     init_std: float = 0.125
     exit_loss: str = "last"       # last | mean: which loop exits the pretraining loss covers
+    save_every: int = 0           # steps between saved training states (resumed by a rerun); 0: none
 
 
 @dataclass
@@ -107,12 +127,17 @@ class PolicySettings:
     anchor_ring: int = 1      # ... and K ring slots for the rest
     window: int = 8           # loopcoder: the local window W, below the task's sequence length
     drift_size: int = 64      # held-out prompts the K/V drift is measured on
+    # Per teacher set, settings that replace the set's own (TEACHERS) and the config's, as nested
+    # groups: {text: {teacher: {steps: 20}}} (policies.overrides.text.teacher.steps=20). The quick
+    # presets shrink every set this way.
+    overrides: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "results/training"
     pipeline: str = "melt"        # melt: MELT and its ablations; policies: every cache policy (PolicySettings)
+    data: str = "hops"            # what the models learn and are scored on: DATA
     seed: int = 0
     device: str = "cpu"
     threads: int = 1              # torch CPU threads; 1 is fastest for these tiny models on a shared CPU
@@ -123,6 +148,7 @@ class TrainConfig:
     # default pipeline well under 20 minutes on a 2-core CPU; preset=ablations runs all of them.
     variants: List[str] = field(default_factory=lambda: ["melt"])
     task: TaskSettings = field(default_factory=TaskSettings)
+    text: TextSettings = field(default_factory=TextSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     melt: MeltSettings = field(default_factory=MeltSettings)
@@ -134,19 +160,20 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
+def _positive(name: str, value, allow_zero: bool = False, prefix: str = "") -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(name, f"got {value!r}", f"an integer >= {low}")
+        raise ConfigError(name, f"{prefix}got {value!r}", f"an integer >= {low}")
 
 
-def _positive_float(name: str, value) -> None:
+def _positive_float(name: str, value, prefix: str = "") -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ConfigError(name, f"got {value!r}", "a number > 0")
+        raise ConfigError(name, f"{prefix}got {value!r}", "a number > 0")
 
 
 def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Check every setting; return the TrainConfig object. Raises ConfigError on the first bad one."""
+    """Check every setting; return the TrainConfig object. Raises ConfigError on the first bad one.
+    pipeline=policies: every teacher set's own config (teacher_config) is checked the same way."""
     import torch
 
     c = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
@@ -155,35 +182,15 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ConfigError("device", f"unknown value {c.device!r}", "cpu | cuda")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda asked for, but this machine has no CUDA GPU", "cpu")
-    _positive("seed", c.seed, allow_zero=True)
-    for name in ("threads", "batch_size", "log_every"):
-        _positive(name, getattr(c, name))
     unknown = [v for v in c.variants if v not in VARIANTS]
     if unknown:
         raise ConfigError("variants", f"unknown variant {unknown[0]!r}", " | ".join(VARIANTS))
     if c.pipeline not in ("melt", "policies"):
         raise ConfigError("pipeline", f"unknown value {c.pipeline!r}", "melt | policies")
-    for group in ("task", "model", "teacher", "melt", "eval", "policies"):
-        for f in dataclasses.fields(getattr(c, group)):
-            value, name = getattr(getattr(c, group), f.name), f"{group}.{f.name}"
-            if f.type in ("str", str) or group == "policies" and f.name in ("teachers", "post_train"):
-                continue
-            if f.type in ("int", int):
-                _positive(name, value, allow_zero=f.name in ("warmup", "phase1_steps", "phase2_steps"))
-            elif f.name == "align_weight":
-                if not isinstance(value, (int, float)) or value < 0:
-                    raise ConfigError(name, f"got {value!r}", "a number >= 0")
-            else:
-                _positive_float(name, value)
-    if c.teacher.exit_loss not in ("last", "mean"):
-        raise ConfigError("teacher.exit_loss", f"unknown value {c.teacher.exit_loss!r}", "last | mean")
-    if c.task.num_symbols < 2:
-        raise ConfigError("task.num_symbols", f"got {c.task.num_symbols}", "an integer >= 2")
-    if c.model.hidden_size % c.model.num_attention_heads or (c.model.hidden_size // c.model.num_attention_heads) % 2:
-        raise ConfigError("model.num_attention_heads", f"{c.model.num_attention_heads} heads for hidden_size "
-                          f"{c.model.hidden_size}", "a divisor of hidden_size leaving an even head size")
+    _check_values(c)
     p = c.policies
-    for name, names in (("policies.teachers", p.teachers), ("policies.post_train", p.post_train)):
+    for name, names in (("policies.teachers", p.teachers), ("policies.post_train", p.post_train),
+                        ("policies.overrides", list(p.overrides))):
         unknown = [t for t in names if t not in TEACHERS]
         if unknown:
             raise ConfigError(name, f"unknown teacher set {unknown[0]!r}", " | ".join(TEACHERS))
@@ -194,33 +201,82 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
             raise ConfigError("policies.post_train", f"{p.post_train} names a set not in policies.teachers "
                               f"{p.teachers}", "a subset of policies.teachers")
         for t in p.teachers:  # each set's own settings, checked like the config's
-            _check_sizes(teacher_config(c, t), prefix=f"{t} teacher set: ")
-        if p.window >= task_spec(c).seq_len:
-            raise ConfigError("policies.window", f"{p.window} covers a whole sequence "
-                              f"({task_spec(c).seq_len} tokens), so loopcoder would be per_loop",
-                              f"an integer in 1..{task_spec(c).seq_len - 1}")
+            tc = teacher_config(c, t)
+            _check_values(tc, prefix=f"{t} teacher set: ")
+            _check_sizes(tc, prefix=f"{t} teacher set: ")
+            length = sequence_spec(tc).seq_len
+            if tc.policies.window >= length:
+                raise ConfigError("policies.window", f"{tc.policies.window} covers a whole sequence of the {t} teacher set "
+                                  f"({length} tokens), so loopcoder would be per_loop",
+                                  f"an integer in 1..{length - 1}")
     else:
+        if c.data != "hops":
+            raise ConfigError("data", f"{c.data!r} with pipeline=melt", "hops (data=text runs with pipeline=policies)")
         _check_sizes(c)
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise ConfigError("out_dir", f"{c.out_dir} is a file", "a folder (created if missing)")
     return c
 
 
+def _check_values(c: TrainConfig, prefix: str = "") -> None:
+    """The value checks of one (teacher set's) config; prefix names the set in the message."""
+    def fail(name, problem, allowed):
+        raise ConfigError(name, prefix + problem, allowed)
+
+    _positive("seed", c.seed, allow_zero=True, prefix=prefix)
+    for name in ("threads", "batch_size", "log_every"):
+        _positive(name, getattr(c, name), prefix=prefix)
+    for group in ("task", "text", "model", "teacher", "melt", "eval", "policies"):
+        for f in dataclasses.fields(getattr(c, group)):
+            value, name = getattr(getattr(c, group), f.name), f"{group}.{f.name}"
+            if f.type in ("str", str) or group == "policies" and f.name in ("teachers", "post_train", "overrides"):
+                continue
+            if f.type in ("int", int):
+                _positive(name, value, f.name in ("warmup", "phase1_steps", "phase2_steps", "files", "save_every"), prefix)
+            elif f.name == "align_weight":
+                if not isinstance(value, (int, float)) or value < 0:
+                    fail(name, f"got {value!r}", "a number >= 0")
+            else:
+                _positive_float(name, value, prefix)
+    if c.data not in DATA:
+        fail("data", f"unknown value {c.data!r}", " | ".join(DATA))
+    if c.teacher.exit_loss not in ("last", "mean"):
+        fail("teacher.exit_loss", f"unknown value {c.teacher.exit_loss!r}", "last | mean")
+    if c.task.num_symbols < 2:
+        fail("task.num_symbols", f"got {c.task.num_symbols}", "an integer >= 2")
+    if c.text.prompt_len >= c.text.seq_len:
+        fail("text.prompt_len", f"{c.text.prompt_len} leaves nothing of a {c.text.seq_len}-byte window to score",
+             f"an integer in 1..{c.text.seq_len - 1}")
+    if c.model.hidden_size % c.model.num_attention_heads or (c.model.hidden_size // c.model.num_attention_heads) % 2:
+        fail("model.num_attention_heads", f"{c.model.num_attention_heads} heads for hidden_size "
+             f"{c.model.hidden_size}", "a divisor of hidden_size leaving an even head size")
+
+
 def teacher_config(c: TrainConfig, name: str) -> TrainConfig:
-    """The config of teacher set `name` (TEACHERS): c with the set's settings."""
+    """The config of teacher set `name`: c with the set's settings (TEACHERS), then the config's
+    own overrides for the set (policies.overrides[name])."""
     out = copy.deepcopy(c)
-    for key, value in TEACHERS[name][0].items():
-        group, field_name = key.split(".")
-        setattr(getattr(out, group), field_name, value)
+    settings = dict(TEACHERS[name][0])
+    for group, values in c.policies.overrides.get(name, {}).items():
+        for field_name, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            settings[group if field_name is None else f"{group}.{field_name}"] = value
+    for key, value in settings.items():
+        group, _, field_name = key.rpartition(".")
+        target = getattr(out, group) if group else out
+        if not hasattr(target, field_name) or field_name == "policies":
+            raise ConfigError(f"policies.overrides.{name}.{key}", "not a setting of train_melt.py",
+                              "a field of training/config.py TrainConfig, e.g. teacher.steps")
+        setattr(target, field_name, value)
     return out
 
 
 def _check_sizes(c: TrainConfig, prefix: str = "") -> None:
-    spec = task_spec(c)
-    if max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len) > c.model.max_position_embeddings:
+    spec = sequence_spec(c)
+    answer = spec.answer_len if c.data != "text" else 1
+    if max(spec.seq_len, c.eval.long_prompt_len + answer) > c.model.max_position_embeddings:
         raise ConfigError("model.max_position_embeddings", f"{prefix}{c.model.max_position_embeddings} is shorter than "
                           f"a sequence ({spec.seq_len}) or the long prompt ({c.eval.long_prompt_len} + "
-                          f"{spec.answer_len})", f">= {max(spec.seq_len, c.eval.long_prompt_len + spec.answer_len)}")
+                          f"{answer})", f">= {max(spec.seq_len, c.eval.long_prompt_len + answer)}")
 
 
 def task_spec(c: TrainConfig) -> "TaskSpec":
@@ -228,3 +284,12 @@ def task_spec(c: TrainConfig) -> "TaskSpec":
     from .task import TaskSpec
 
     return TaskSpec(**dataclasses.asdict(c.task))
+
+
+def sequence_spec(c: TrainConfig):
+    """The shape of the config's sequences: task_spec(c), or corpus.TextSpec for data=text."""
+    if c.data == "text":
+        from .corpus import TextSpec
+
+        return TextSpec(seq_len=c.text.seq_len, prompt_len=c.text.prompt_len)
+    return task_spec(c)

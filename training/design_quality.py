@@ -40,29 +40,21 @@ from bench.rows.files import atomic_file
 from models import LoopCoderLM, MeltLM, OuroLM
 from models.causal_lm import CausalLM
 from models.cache_policies import KV_SHARINGS
-from models.runtime import score
 
-from .config import POST_TRAINED, TEACHERS, TrainConfig, task_spec, teacher_config
-from .evaluate import accuracy
-from .pipeline import pretrain, save_checkpoint, train_variant
-from .task import TaskData, TaskSpec
+from .config import POST_TRAINED, TEACHERS, TrainConfig, teacher_config
+from .pipeline import SETTINGS_FILE, pretrain, save_checkpoint, teacher_identity, train_variant
+from .settings import Setting, make_setting, task_quality
 from .trainer import Schedule, distill
 
 log = logging.getLogger("train")
 
 COLUMNS = ["teacher", "policy", "training", "model", "kv_sharing", "kv_ring", "kv_anchor", "kv_window",
-           "cache_update", "layers", "loops", "accuracy", "accuracy_vs_teacher", "heldout_loss",
+           "cache_update", "layers", "loops", "accuracy", "accuracy_vs_teacher", "heldout_loss", "bits_per_byte",
            "kv_bytes_per_token", "prefill_kv_bytes_per_token", "kv_fixed_bytes", "train_wall_s", "note",
            "checkpoint"]
 
 
-@torch.no_grad()
-def quality(model: CausalLM, spec: TaskSpec, tokens: torch.Tensor) -> dict:
-    """Accuracy (exact match of the generated answer block) and held-out loss (mean negative
-    log-likelihood of the answer tokens, teacher-forced through the model's own cached path: the
-    prompt prefilled, every answer token fed through the decode step)."""
-    nll = -score(model, tokens.to(model.device), spec.prompt_len).mean().item()
-    return {"accuracy": accuracy(model, spec, tokens), "heldout_loss": nll}
+quality = task_quality    # the task's accuracy and held-out loss (settings.Setting.quality for any data)
 
 
 def kv_columns(model: CausalLM, seq_len: int) -> dict:
@@ -92,7 +84,7 @@ def _describe(model: CausalLM) -> dict:
             "layers": cfg.num_hidden_layers, "loops": cfg.loops}
 
 
-def post_train(c: TrainConfig, policy: str, teacher: CausalLM, teacher_dir: Path, data: TaskData) -> tuple[CausalLM, float]:
+def post_train(c: TrainConfig, policy: str, teacher: CausalLM, teacher_dir: Path, data) -> tuple[CausalLM, float]:
     """MELT (pipeline.train_variant), first_writes or loopcoder from the teacher's weights, each
     distilled as MELT is: phase 1 (interpolated, KD), then phase 2 (KD + attention alignment), with
     MELT's steps, learning rates (LoopCoder's window gates take the gate rate) and batches.
@@ -115,23 +107,45 @@ def post_train(c: TrainConfig, policy: str, teacher: CausalLM, teacher_dir: Path
     return student, time.perf_counter() - start
 
 
+def _load_student(policy: str, folder: Path, device: str) -> CausalLM:
+    cls = {"melt": MeltLM, "first_writes": OuroLM, "loopcoder": LoopCoderLM}[policy]
+    return cls.from_pretrained(folder, device=device)          # the policy's options are in its config
+
+
+def post_trained(c: TrainConfig, policy: str, teacher: CausalLM, teacher_dir: Path, setting: Setting,
+                 folder: Path) -> tuple[CausalLM, float, bool]:
+    """post_train, or the student already in `folder` when it was trained from the same teacher
+    settings with the same post-training settings (reuse_teacher). -> (student, seconds, reused?)"""
+    ident = {"teacher": teacher_identity(c), "policy": policy, "melt": dataclasses.asdict(c.melt),
+             "window": c.policies.window if policy == "loopcoder" else None}
+    saved = folder / SETTINGS_FILE
+    if c.reuse_teacher and saved.exists():
+        info = json.loads(saved.read_text())
+        if info.get("identity") == ident:
+            log.info("%s: reusing %s (trained with the same settings in %.0f s)", policy, folder, info["train_wall_s"])
+            return _load_student(policy, folder, c.device), info["train_wall_s"], True
+    student, wall = post_train(c, policy, teacher, teacher_dir, setting.data)
+    save_checkpoint(student, folder, {"identity": ident, "policy": policy, "train_wall_s": wall, "melt": dataclasses.asdict(c.melt)})
+    setting.save_tokenizer(folder)
+    return student, wall, False
+
+
 def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
             reused: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
     """One teacher set -> (quality rows, exit rows, drift rows). Adds its wall times to walls
     ("<set>/<model>": training seconds, a reused checkpoint's saved ones; "<set>/evaluation") and
     the checkpoints it found already trained to reused."""
     c = teacher_config(c, name)
-    spec = task_spec(c)
-    data = TaskData(spec, c.seed, c.batch_size, c.eval.eval_size)
+    setting = make_setting(c)
+    spec, data = setting.spec, setting.data
     ckpt = out / "checkpoints" / name
     ckpt.mkdir(parents=True, exist_ok=True)
-    tokens = data.eval_tokens
     rows: list[dict] = []
 
     def add(policy: str, training: str, model: CausalLM, wall: float | None, checkpoint: Path | None, note: str = ""):
         started = time.perf_counter()
         row = {"teacher": name, "policy": policy, "training": training, **_describe(model),
-               **quality(model, spec, tokens), **kv_columns(model, spec.seq_len),
+               **setting.quality(model), **kv_columns(model, spec.seq_len),
                "train_wall_s": None if wall is None else round(wall, 1), "note": note,
                "checkpoint": None if checkpoint is None else str(checkpoint)}
         rows.append(row)
@@ -139,11 +153,17 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
         log.info("%s / %s (%s): accuracy %.3f, held-out loss %.4f, KV %d B/token", name, policy, training,
                  row["accuracy"], row["heldout_loss"], row["kv_bytes_per_token"])
 
-    log.info("teacher set %s: %s", name, TEACHERS[name][1])
-    teacher_dir = ckpt / "teacher"
-    teacher, wall, found = pretrain(c, "ouro", data, teacher_dir)
-    walls[f"{name}/teacher"] = round(wall, 1)
-    reused += [f"{name}/teacher"] if found else []
+    def pretrained(arch: str) -> tuple[CausalLM, Path, float]:
+        folder = ckpt / ("teacher" if arch == "ouro" else arch)
+        model, wall, found = pretrain(c, arch, data, folder)
+        setting.save_tokenizer(folder)
+        walls[f"{name}/{folder.name}"] = round(wall, 1)
+        reused.extend([f"{name}/{folder.name}"] if found else [])
+        return model, folder, wall
+
+    log.info("teacher set %s: %s; %d tokens per sequence (prompt %d), vocabulary %d", name, TEACHERS[name][1],
+             spec.seq_len, spec.prompt_len, spec.vocab_size)
+    teacher, teacher_dir, wall = pretrained("ouro")
     for policy in KV_SHARINGS:
         model = OuroLM.from_pretrained(teacher_dir, device=c.device, kv_sharing=policy, **_policy_options(c, policy))
         add(policy, "pretrained" if policy == "per_loop" else "zero-shot", model,
@@ -154,17 +174,14 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
     torch.manual_seed(c.seed)
     add("melt", "zero-shot", MeltLM.from_pretrained(teacher_dir, device=c.device, chunk_size=c.melt.chunk_size),
         None, None, "the teacher's weights, fresh latent gates")
-    standard_dir = ckpt / "standard"
-    standard, wall, found = pretrain(c, "standard", data, standard_dir)
-    walls[f"{name}/standard"] = round(wall, 1)
-    reused += [f"{name}/standard"] if found else []
+    standard, standard_dir, wall = pretrained("standard")
     add("standard", "pretrained", standard, wall, standard_dir, "the same layers run once, trained the same way")
 
     if name in c.policies.post_train:
         for policy in POST_TRAINED:
-            student, wall = post_train(c, policy, teacher, teacher_dir, data)
+            student, wall, found = post_trained(c, policy, teacher, teacher_dir, setting, ckpt / policy)
             walls[f"{name}/{policy}"] = round(wall, 1)
-            save_checkpoint(student, ckpt / policy, {"policy": policy, "train_wall_s": wall, "melt": dataclasses.asdict(c.melt)})
+            reused.extend([f"{name}/{policy}"] if found else [])
             add(policy, "post-trained", student, wall, ckpt / policy, "distilled from the teacher (MELT's recipe)")
 
     teacher_acc = rows[0]["accuracy"]
@@ -174,8 +191,8 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
     exits = []
     for loops in range(1, c.model.loops + 1):
         cut = OuroLM.from_pretrained(teacher_dir, device=c.device, loops=loops)
-        exits.append({"teacher": name, "exit": loops, **quality(cut, spec, tokens)})
-    drift = kv_drift(teacher, tokens[:c.policies.drift_size, :spec.prompt_len].to(c.device))
+        exits.append({"teacher": name, "exit": loops, **setting.quality(cut)})
+    drift = kv_drift(teacher, setting.prompts(c.policies.drift_size).to(c.device))
     log.info("%s: exit accuracies %s; keys' cosine to the last loop's, loop by loop (mean over layers) %s", name,
              " ".join(f"{e['accuracy']:.3f}" for e in exits),
              " ".join(f"{v:.2f}" for v in drift[drift.kind == "keys"].groupby("loop").cos_vs_last.mean()))
@@ -186,11 +203,10 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
 def run(c: TrainConfig) -> list[dict]:
     """The policies pipeline of TrainConfig c (already resolved); returns quality.csv's rows."""
     torch.set_num_threads(c.threads)
-    start = time.perf_counter()
-    out, spec = Path(c.out_dir), task_spec(c)
+    start, cpu = time.perf_counter(), time.process_time()
+    out = Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("task: %d tokens per sequence (prompt %d, answer %d); teacher sets %s; ring K=%d, anchor A=%d K=%d, "
-             "loopcoder W=%d", spec.seq_len, spec.prompt_len, spec.answer_len, ", ".join(c.policies.teachers),
+    log.info("teacher sets %s; ring K=%d, anchor A=%d K=%d, loopcoder W=%d", ", ".join(c.policies.teachers),
              c.policies.ring, c.policies.anchor, c.policies.anchor_ring, c.policies.window)
     rows, exits, drift, walls, reused = [], [], [], {}, []
     for name in c.policies.teachers:
@@ -200,9 +216,12 @@ def run(c: TrainConfig) -> list[dict]:
         drift += d
     total = time.perf_counter() - start
     run_info = {"config": dataclasses.asdict(c),
-                "teacher_sets": {t: {"settings": TEACHERS[t][0], "what": TEACHERS[t][1]} for t in c.policies.teachers},
+                "teacher_sets": {t: {"settings": TEACHERS[t][0], "overrides": c.policies.overrides.get(t, {}),
+                                     "what": TEACHERS[t][1]} for t in c.policies.teachers},
                 "reused": reused, "walls_s": walls,
-                "pipeline_wall_s": round(total, 1)}
+                "pipeline_wall_s": round(total, 1),
+                # process CPU seconds: with threads=1, about the wall time on an otherwise idle core
+                "pipeline_cpu_s": round(time.process_time() - cpu, 1)}
     write_results(out, rows, exits, drift, run_info)
     log.info("done in %.0f s: %s", total, out / "quality.md")
     return rows
@@ -217,8 +236,9 @@ def write_results(out: Path, rows: list[dict], exits: list[dict], drift: list[di
         df[column] = df[column].astype("Int64")
     with atomic_file(out / "quality.csv") as tmp:
         df.to_csv(tmp, index=False)
-    shown = df[["teacher", "policy", "training", "accuracy", "accuracy_vs_teacher", "heldout_loss",
-                "kv_bytes_per_token", "train_wall_s"]].copy()
+    shown = df[["teacher", "policy", "training", "accuracy", "accuracy_vs_teacher", "heldout_loss"]
+               + (["bits_per_byte"] if df["bits_per_byte"].notna().any() else [])
+               + ["kv_bytes_per_token", "train_wall_s"]].copy()
     # whole seconds; empty where the row was not trained
     shown["train_wall_s"] = pd.Series(["" if pd.isna(s) else round(s) for s in shown["train_wall_s"]],
                                       index=shown.index, dtype=object)

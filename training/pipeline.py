@@ -27,10 +27,11 @@ from models.causal_lm import CausalLM
 from .config import VARIANTS, TrainConfig, task_spec
 from .evaluate import evaluate
 from .task import TaskData
-from .trainer import Schedule, distill, train_lm
+from .trainer import Resume, Schedule, distill, train_lm
 
 log = logging.getLogger("train")
 SETTINGS_FILE = "train_settings.json"  # beside a checkpoint: what made it, and how long it took
+PARTIAL_FILE = "partial.pt"            # a pretraining in progress (teacher.save_every), removed when done
 
 
 def model_config(c: TrainConfig, arch: str, vocab_size: int):
@@ -42,10 +43,15 @@ def model_config(c: TrainConfig, arch: str, vocab_size: int):
                        max_position_embeddings=m.max_position_embeddings, **options)
 
 
-def _teacher_identity(c: TrainConfig) -> dict:
-    return {"task": dataclasses.asdict(c.task), "model": dataclasses.asdict(c.model),
-            "teacher": dataclasses.asdict(c.teacher), "batch_size": c.batch_size, "seed": c.seed,
-            "device": c.device}
+def teacher_identity(c: TrainConfig) -> dict:
+    """The settings a pretrained checkpoint depends on (save_every does not change it; the text
+    settings are named only for data=text, so the task's checkpoints keep their identity)."""
+    teacher = {k: v for k, v in dataclasses.asdict(c.teacher).items() if k != "save_every"}
+    ident = {"task": dataclasses.asdict(c.task), "model": dataclasses.asdict(c.model),
+             "teacher": teacher, "batch_size": c.batch_size, "seed": c.seed, "device": c.device}
+    if c.data != "hops":
+        ident.update(data=c.data, text=dataclasses.asdict(c.text))
+    return ident
 
 
 def save_checkpoint(model: CausalLM, folder: Path, settings: dict) -> None:
@@ -57,7 +63,7 @@ def save_checkpoint(model: CausalLM, folder: Path, settings: dict) -> None:
 def pretrain(c: TrainConfig, arch: str, data: TaskData, folder: Path) -> tuple[CausalLM, float, bool]:
     """Train (or reuse) the teacher LoopLM or the standard model on the task's training stream.
     -> (model, training wall seconds, reused?)"""
-    ident = {**_teacher_identity(c), "arch": arch}
+    ident = {**teacher_identity(c), "arch": arch}
     cls = {"ouro": OuroLM, "standard": StandardLM}[arch]
     settings_file = folder / SETTINGS_FILE
     if c.reuse_teacher and settings_file.exists():
@@ -70,11 +76,16 @@ def pretrain(c: TrainConfig, arch: str, data: TaskData, folder: Path) -> tuple[C
     with torch.no_grad():
         model.init_weights(std=c.teacher.init_std)
     data.reset(c.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not c.reuse_teacher:                                      # start afresh, whatever was saved
+        (folder / PARTIAL_FILE).unlink(missing_ok=True)
+    resume = Resume(folder / PARTIAL_FILE, ident, c.teacher.save_every)
     start = time.perf_counter()
     train_lm(model, data, Schedule(c.teacher.steps, c.teacher.warmup, c.log_every), c.teacher.lr,
-             exit_loss=c.teacher.exit_loss, what="teacher" if arch == "ouro" else "standard")
-    wall = time.perf_counter() - start
+             exit_loss=c.teacher.exit_loss, what="teacher" if arch == "ouro" else "standard", resume=resume)
+    wall = resume.wall_before + time.perf_counter() - start
     save_checkpoint(model, folder, {"identity": ident, "train_wall_s": wall})
+    resume.done()
     return model, wall, False
 
 

@@ -101,7 +101,7 @@ def _compose(*overrides):
 @pytest.mark.parametrize("override, message", [
     ("policies.teachers=[ouro,nope]", "policies.teachers: unknown teacher set 'nope'; allowed: ouro | last_exit"),
     ("policies.post_train=[last_exit]", "policies.post_train: ['last_exit'] names a set not in policies.teachers"),
-    ("policies.window=57", "policies.window: 57 covers a whole sequence (57 tokens)"),
+    ("policies.window=57", "policies.window: 57 covers a whole sequence of the ouro teacher set (57 tokens)"),
     ("policies.ring=0", "policies.ring: got 0; allowed: an integer >= 1"),
     ("pipeline=nope", "pipeline: unknown value 'nope'; allowed: melt | policies"),
 ])
