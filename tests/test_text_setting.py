@@ -9,7 +9,7 @@ import torch
 from models import build_from_config, make_config
 from training import byte_tokenizer
 from training.corpus import LIST_FILE, TextData, TextSpec, byte_mask, join, load, read_list, split_of, stdlib_dir
-from training.text_eval import cached_quality, exit_bits_per_byte, summarize
+from training.scoring import cached_quality, exit_bits_per_byte, summarize
 
 
 def test_the_file_list_is_sorted_split_by_its_rule_and_present():
@@ -129,7 +129,7 @@ def _compose(*overrides):
     ("+policies.overrides.text.teacher.nope=3", "policies.overrides.text.teacher.nope: not a setting of train_melt.py"),
     ("+policies.overrides.text.text.prompt_len=300", "text.prompt_len: text teacher set: 300 leaves nothing"),
     ("+policies.overrides.text.policies.window=256", "policies.window: 256 covers a whole sequence of the text"),
-    ("data=nope", "data: unknown value 'nope'; allowed: hops | text"),
+    ("data=nope", "data: unknown value 'nope'; allowed: hops | products | text"),
 ])
 def test_bad_text_settings_are_one_line(override, message):
     with pytest.raises(ValueError) as e:

@@ -38,6 +38,11 @@ TEACHERS = {
              "trained like Ouro: the loss at every loop exit, so every loop is a usable model; 2 layers"),
     "last_exit": ({"model.num_hidden_layers": 1, "teacher.exit_loss": "last"},
                   "train_melt.py's teacher: 1 layer, the loss at the last exit only"),
+    "depth": ({"data": "products", "task.max_hops": 4, "task.blocks": 8, "model.num_hidden_layers": 1,
+               "model.num_attention_heads": 2, "teacher.exit_loss": "mean", "teacher.steps": 1500,
+               "policies.window": 4},
+              "products of words in S3 (training/products.py), blocks of 1-4 elements, trained like Ouro (the loss "
+              "at every exit); 1 layer, 2 heads: run once it composes at most two elements"),
     "text": ({"data": "text", "batch_size": 16, "model.num_hidden_layers": 2, "model.hidden_size": 128,
               "model.intermediate_size": 512, "model.num_attention_heads": 4, "teacher.exit_loss": "mean",
               "teacher.steps": 1000, "teacher.lr": 2e-3, "teacher.warmup": 100, "teacher.init_std": 0.02,
@@ -48,6 +53,7 @@ TEACHERS = {
 # What a pipeline trains and scores its models on (TrainConfig.data).
 DATA = {
     "hops": "training/task.py: multi-hop lookups in a random permutation (the task settings)",
+    "products": "training/products.py: products of words in S3, blocks of 1..task.max_hops elements",
     "text": "training/corpus.py: Python source of the interpreter's standard library, byte-level",
 }
 # The policies that are post-trained like MELT (distilled from the teacher), beside MELT itself.
@@ -211,7 +217,7 @@ def resolve(cfg: DictConfig | TrainConfig) -> TrainConfig:
                                   f"an integer in 1..{length - 1}")
     else:
         if c.data != "hops":
-            raise ConfigError("data", f"{c.data!r} with pipeline=melt", "hops (data=text runs with pipeline=policies)")
+            raise ConfigError("data", f"{c.data!r} with pipeline=melt", "hops (the other data run with pipeline=policies)")
         _check_sizes(c)
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise ConfigError("out_dir", f"{c.out_dir} is a file", "a folder (created if missing)")
@@ -287,9 +293,13 @@ def task_spec(c: TrainConfig) -> "TaskSpec":
 
 
 def sequence_spec(c: TrainConfig):
-    """The shape of the config's sequences: task_spec(c), or corpus.TextSpec for data=text."""
+    """The shape of the config's sequences: task_spec(c), products.ProductsSpec or corpus.TextSpec."""
     if c.data == "text":
         from .corpus import TextSpec
 
         return TextSpec(seq_len=c.text.seq_len, prompt_len=c.text.prompt_len)
+    if c.data == "products":
+        from .products import ProductsSpec
+
+        return ProductsSpec(blocks=c.task.blocks, max_hops=c.task.max_hops)
     return task_spec(c)

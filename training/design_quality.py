@@ -161,8 +161,10 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
         reused.extend([f"{name}/{folder.name}"] if found else [])
         return model, folder, wall
 
-    log.info("teacher set %s: %s; %d tokens per sequence (prompt %d), vocabulary %d", name, TEACHERS[name][1],
-             spec.seq_len, spec.prompt_len, spec.vocab_size)
+    p = c.policies
+    log.info("teacher set %s: %s; %d tokens per sequence (prompt %d), vocabulary %d; ring K=%d, anchor A=%d K=%d, "
+             "loopcoder W=%d", name, TEACHERS[name][1], spec.seq_len, spec.prompt_len, spec.vocab_size, p.ring,
+             p.anchor, p.anchor_ring, p.window)
     teacher, teacher_dir, wall = pretrained("ouro")
     for policy in KV_SHARINGS:
         model = OuroLM.from_pretrained(teacher_dir, device=c.device, kv_sharing=policy, **_policy_options(c, policy))
@@ -206,8 +208,7 @@ def run(c: TrainConfig) -> list[dict]:
     start, cpu = time.perf_counter(), time.process_time()
     out = Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("teacher sets %s; ring K=%d, anchor A=%d K=%d, loopcoder W=%d", ", ".join(c.policies.teachers),
-             c.policies.ring, c.policies.anchor, c.policies.anchor_ring, c.policies.window)
+    log.info("teacher sets %s", ", ".join(c.policies.teachers))
     rows, exits, drift, walls, reused = [], [], [], {}, []
     for name in c.policies.teachers:
         r, e, d = run_set(c, name, out, walls, reused)

@@ -1,10 +1,12 @@
 """What a teacher set's models learn and are scored on (TrainConfig.data): one interface for the
 synthetic task and the stdlib text, so the policies pipeline runs either.
 
-    hops  training/task.py: multi-hop lookups in a random permutation; quality = exact match of
-          the generated answer block and the answer's NLL, through the model's own cache
-    text  training/corpus.py: stdlib Python source, byte-level; quality = next-byte accuracy,
-          NLL and bits per byte of each held-out window's second part, through decode steps
+    hops      training/task.py: multi-hop lookups in a random permutation; quality = exact match
+              of the generated answer block and the answer's NLL, through the model's own cache
+    products  training/products.py: products of words in S3; quality = the answer's accuracy and
+              NLL after its block went through decode steps, and the accuracy per block size
+    text      training/corpus.py: stdlib Python source, byte-level; quality = next-byte accuracy,
+              NLL and bits per byte of each held-out window's second part, through decode steps
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def task_quality(model: CausalLM, spec, tokens: torch.Tensor) -> dict:
     return {"accuracy": accuracy(model, spec, tokens), "heldout_loss": nll}
 
 
+def products_quality(model: CausalLM, spec, tokens: torch.Tensor) -> dict:
+    """products: the answer r (the last token) predicted at EQ after the evaluated block went
+    through the decode steps (scoring.cached_scores): accuracy, its NLL, and the accuracy per size
+    m of the block (the depth it needs) as accuracy_m1 .. accuracy_m<max_hops>."""
+    from .products import last_block_size
+    from .scoring import cached_scores
+
+    logp, hit = cached_scores(model, tokens, spec.prompt_len)
+    hit, size = hit[:, -1], last_block_size(spec, tokens)
+    return {"accuracy": hit.float().mean().item(), "heldout_loss": -logp[:, -1].mean().item(),
+            **{f"accuracy_m{m}": hit[size == m].float().mean().item() for m in range(1, spec.max_hops + 1)}}
+
+
 @dataclass
 class Setting:
     kind: str                 # a key of config.DATA
@@ -38,9 +53,11 @@ class Setting:
     def quality(self, model: CausalLM) -> dict:
         """accuracy, heldout_loss (nats per scored token) and, on text, bits_per_byte."""
         if self.kind == "text":
-            from .text_eval import cached_quality
+            from .scoring import cached_quality
 
             return cached_quality(model, self.data.eval_tokens, self.spec.prompt_len)
+        if self.kind == "products":
+            return products_quality(model, self.spec, self.data.eval_tokens)
         return task_quality(model, self.spec, self.data.eval_tokens)
 
     def prompts(self, count: int) -> torch.Tensor:
@@ -62,6 +79,10 @@ def make_setting(c: TrainConfig) -> Setting:
         from .corpus import TextData
 
         data = TextData(spec, c.seed, c.batch_size, c.eval.eval_size, limit=c.text.files or None)
+    elif c.data == "products":
+        from .products import ProductsData
+
+        data = ProductsData(spec, c.seed, c.batch_size, c.eval.eval_size)
     else:
         from .task import TaskData
 

@@ -1,10 +1,11 @@
-"""Quality on held-out text: bits per byte and next-byte accuracy.
+"""Scoring through the model's own cache, and quality on held-out text (bits per byte, next-byte
+accuracy).
 
-cached_quality scores through the model's own cache path, like training/policies.quality does on
-the task: each window's first prompt_len bytes prefilled, every later byte fed through the decode
-step with the true byte each time, so a decode-time cache policy (last_loop, first_loop, ...) is
-what is scored. exit_bits_per_byte scores every loop exit of a LoopLM at once, uncached (the
-training forward), at every position of the windows.
+cached_scores: each sequence's first prompt_len tokens prefilled, every later token fed through the
+decode step with the true token each time (teacher forcing), so a decode-time cache policy
+(last_loop, first_loop, ...) is what is scored; -> log p and argmax hit of every later token.
+cached_quality: that, summarized over a text's bytes. exit_bits_per_byte scores every loop exit of
+a LoopLM at once, uncached (the training forward), at every position of the windows.
 
 Only targets that are bytes count (corpus.byte_mask): END_OF_TEXT separators are not text.
 bits per byte = sum over counted targets of -log2 p(target) / their number (one token = one byte).
@@ -33,9 +34,11 @@ def summarize(logp: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor) -> dict
 
 
 @torch.inference_mode()
-def cached_quality(model: CausalLM, tokens: torch.Tensor, prompt_len: int, batch_size: int = 64) -> dict:
-    """tokens [B, L]: targets prompt_len .. L-1 scored through prefill + decode steps (summarize)."""
-    logps, hits, masks = [], [], []
+def cached_scores(model: CausalLM, tokens: torch.Tensor, prompt_len: int,
+                  batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, L] -> (log p, argmax == target), each [B, L - prompt_len], of targets
+    prompt_len .. L-1 through prefill + decode steps (on the CPU)."""
+    logps, hits = [], []
     for rows in torch.split(tokens.to(model.device), batch_size):
         b, L = rows.shape
         cache = model.new_cache(b, L)
@@ -49,10 +52,16 @@ def cached_quality(model: CausalLM, tokens: torch.Tensor, prompt_len: int, batch
             if i + 1 < L:
                 logits = model.decode_step(target, cache, pos)
                 pos += 1
-        logps.append(torch.cat(lp, 1))
-        hits.append(torch.cat(hit, 1))
-        masks.append(byte_mask(rows)[:, prompt_len - 1:L - 1])                # mask[i-1]: target i is a byte
-    return summarize(torch.cat(logps).cpu(), torch.cat(hits).cpu(), torch.cat(masks).cpu())
+        logps.append(torch.cat(lp, 1).cpu())
+        hits.append(torch.cat(hit, 1).cpu())
+    return torch.cat(logps), torch.cat(hits)
+
+
+def cached_quality(model: CausalLM, tokens: torch.Tensor, prompt_len: int, batch_size: int = 64) -> dict:
+    """tokens [B, L] of text: its bytes prompt_len .. L-1 scored through prefill + decode steps
+    (cached_scores) -> summarize()."""
+    logp, hit = cached_scores(model, tokens, prompt_len, batch_size)
+    return summarize(logp, hit, byte_mask(tokens)[:, prompt_len - 1:-1])        # mask[i-1]: target i is a byte
 
 
 @torch.no_grad()
