@@ -4,8 +4,8 @@ Vocabulary: the 6 elements of S3 (ids 0-5, 0 the identity), SEP, EQ, BOS, PAD. O
 
     BOS PAD .. PAD   SEP a1 .. am EQ r   SEP a1 .. am EQ r   ...        r = a1 a2 .. am in S3
 
-Each block has m elements, m drawn uniformly from 1..max_hops (the last, evaluated block too);
-blocks are right-aligned and the left is padded, so every sequence has the same length and the
+Each block has m elements, m drawn uniformly from 1..max_hops, except the last, evaluated block,
+which has max_hops (the earlier ones are the curriculum, as in task.py); blocks are right-aligned and the left is padded, so every sequence has the same length and the
 evaluated answer r is its last token. The loss is on r (predicted at EQ). Evaluation prefills all
 but the last max_hops + 3 tokens and feeds the rest (the evaluated block, at its longest) through
 decode steps, so a decode-time cache policy is what composes the block (settings.Setting.quality).
@@ -68,6 +68,7 @@ def make_batch(spec: ProductsSpec, batch_size: int, generator: torch.Generator) 
     """-> (tokens [B, L] int64, loss_mask [B, L] bool: the EQ positions, which predict r)."""
     B, K, M, L = batch_size, spec.blocks, spec.max_hops, spec.seq_len
     m = torch.randint(1, M + 1, (B, K), generator=generator)                    # elements per block
+    m[:, -1] = M                                                                 # the evaluated block: the longest
     elems = torch.randint(6, (B, K, M), generator=generator)
     slot = torch.arange(M)
     # r: the product of the first m elements, with the unused slots as the identity (element 0)

@@ -4,7 +4,7 @@ synthetic task and the stdlib text, so the policies pipeline runs either.
     hops      training/task.py: multi-hop lookups in a random permutation; quality = exact match
               of the generated answer block and the answer's NLL, through the model's own cache
     products  training/products.py: products of words in S3; quality = the answer's accuracy and
-              NLL after its block went through decode steps, and the accuracy per block size
+              NLL after its block went through decode steps
     text      training/corpus.py: stdlib Python source, byte-level; quality = next-byte accuracy,
               NLL and bits per byte of each held-out window's second part, through decode steps
 """
@@ -33,15 +33,11 @@ def task_quality(model: CausalLM, spec, tokens: torch.Tensor) -> dict:
 
 def products_quality(model: CausalLM, spec, tokens: torch.Tensor) -> dict:
     """products: the answer r (the last token) predicted at EQ after the evaluated block went
-    through the decode steps (scoring.cached_scores): accuracy, its NLL, and the accuracy per size
-    m of the block (the depth it needs) as accuracy_m1 .. accuracy_m<max_hops>."""
-    from .products import last_block_size
+    through the decode steps (scoring.cached_scores): its accuracy and NLL."""
     from .scoring import cached_scores
 
     logp, hit = cached_scores(model, tokens, spec.prompt_len)
-    hit, size = hit[:, -1], last_block_size(spec, tokens)
-    return {"accuracy": hit.float().mean().item(), "heldout_loss": -logp[:, -1].mean().item(),
-            **{f"accuracy_m{m}": hit[size == m].float().mean().item() for m in range(1, spec.max_hops + 1)}}
+    return {"accuracy": hit[:, -1].float().mean().item(), "heldout_loss": -logp[:, -1].mean().item()}
 
 
 @dataclass
