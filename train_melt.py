@@ -4,6 +4,8 @@
     python train_melt.py preset=quick out_dir=results/training_quick
     python train_melt.py variants=[melt,melt_last] melt.chunk_size=8
     python train_melt.py preset=policies          # every cache policy's quality -> results/policies/
+    python train_melt.py preset=depth             # the same on the S3 products task (depth needed)
+    python train_melt.py preset=text              # the same on stdlib Python source, byte-level
 
 Trains a LoopLM teacher (cached), turns it into MELT (phase 1: interpolated K/V, phase 2:
 attention-aligned distillation) for every variant, trains a standard model on the same data, and

@@ -4,6 +4,11 @@ On a synthetic task: a LoopLM teacher turned into MELT, and what every looped KV
 costs in quality, zero-shot and post-trained.
 
     task.py      the multi-hop lookup task, deterministic batches and the held-out set
+    products.py  the depth task: products of words in S3 (teacher set `depth`)
+    corpus.py    the stdlib text corpus (data/stdlib_files.txt), byte-level windows (set `text`)
+    byte_tokenizer.py  the byte-level tokenizer saved with text checkpoints
+    settings.py  one interface over the data: batches, held-out set, quality of a model
+    scoring.py   teacher-forced scoring through the cache; bits per byte
     student.py   the differentiable loop forwards: LoopLM, MELT chunk-wise, interpolated K/V;
                  first_writes and loopcoder (the policies post-trained like MELT)
     trainer.py   losses, parameter groups, the teacher / phase 1 / phase 2 training loops
