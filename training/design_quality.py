@@ -1,18 +1,20 @@
 """The policies pipeline: what each looped KV-cache policy costs in quality, per teacher.
 
-For every teacher set of policies.teachers (config.TEACHERS: the same task, a LoopLM trained its
-own way), in out_dir:
+For every teacher set of policies.teachers (config.TEACHERS: a LoopLM trained its own way on its
+own data, settings.py: the multi-hop task, the S3 products task or stdlib text), in out_dir:
 
     checkpoints/<set>/teacher/    the LoopLM (per-loop K/V), cached like train_melt.py's teacher
     checkpoints/<set>/standard/   the same layers run once, trained the same way
     checkpoints/<set>/<policy>/   melt, first_writes, loopcoder distilled from the teacher (sets
                                   of policies.post_train only)
 
-and, over all sets:
+Every checkpoint trained with the same settings is reused by a rerun, and a pretraining killed
+midway continues from its last saved state (teacher.save_every): the pipeline resumes. Text
+checkpoints carry the byte tokenizer. Over all sets:
 
-    quality.csv, quality.md  one row per (teacher, policy, training): accuracy through the model's
-                             own cached generate, held-out loss through its own cached path
-                             (models.runtime.score), KV bytes per token at the task's size, training
+    quality.csv, quality.md  one row per (teacher, policy, training): quality through the model's
+                             own cached path (settings.Setting.quality: accuracy, held-out loss,
+                             bits per byte on text), KV bytes per token at the task's size, training
                              time (columns: COLUMNS, documented in results/reference/policies/)
     exits.csv                the teacher cut after each loop: how usable every exit is
     drift.csv                bench.measure.drift.kv_drift of each teacher on held-out prompts: per layer and
