@@ -166,3 +166,18 @@ def test_text_quick_pipeline_end_to_end_and_resumed(tmp_path):
                                                                    "loopcoder"))
     again = pd.read_csv(tmp_path / "quality.csv")
     pd.testing.assert_frame_equal(df.drop(columns="train_wall_s"), again.drop(columns="train_wall_s"))
+
+
+def test_the_written_held_out_text_reads_back_as_the_held_out_stream(tmp_path):
+    """python -m training.corpus heldout PATH: the text scenario=score reads, tokenized by the
+    checkpoints' tokenizer, is exactly the stream the held-out windows come from."""
+    from transformers import PreTrainedTokenizerFast
+
+    from training.corpus import write_split
+
+    byte_tokenizer.save(tmp_path / "tok")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    size = write_split("heldout", tmp_path / "heldout.txt")
+    text = (tmp_path / "heldout.txt").read_text(encoding="utf-8")
+    assert size == len(text.encode("utf-8"))
+    assert tok(text, add_special_tokens=False)["input_ids"] == join(load("heldout")).tolist()

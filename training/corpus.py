@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .byte_tokenizer import END_OF_TEXT, VOCAB_SIZE
+from .byte_tokenizer import END_OF_TEXT, END_OF_TEXT_STR, VOCAB_SIZE
 
 log = logging.getLogger("train")
 LIST_FILE = Path(__file__).resolve().parent / "data" / "stdlib_files.txt"
@@ -84,6 +84,15 @@ def join(texts: list[bytes]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def write_split(split: str, path: str | Path) -> int:
+    """One UTF-8 text of a split's files, each preceded by END_OF_TEXT's string, so that the byte
+    tokenizer reads it back as join(load(split)): the file `run_bench.py scenario=score text=PATH`
+    scores a checkpoint on. -> bytes written."""
+    text = "".join(END_OF_TEXT_STR + t.decode("utf-8") for t in load(split))
+    Path(path).write_text(text, encoding="utf-8")
+    return len(text.encode("utf-8"))
+
+
 @dataclass(frozen=True)
 class TextSpec:
     """The shape of one sequence (the fields of task.TaskSpec the pipelines read)."""
@@ -134,3 +143,13 @@ class TextData:
         starts = torch.randint(len(self.train) - L + 1, (self.batch_size,), generator=self.generator)
         tokens = self.train[starts[:, None] + torch.arange(L)]
         return tokens, byte_mask(tokens)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a split of the stdlib corpus as one text file.")
+    parser.add_argument("split", choices=["train", "heldout"])
+    parser.add_argument("path")
+    args = parser.parse_args()
+    print(f"{args.path}: {write_split(args.split, args.path)} bytes")

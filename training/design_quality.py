@@ -163,10 +163,12 @@ def run_set(c: TrainConfig, name: str, out: Path, walls: dict[str, float],
         reused.extend([f"{name}/{folder.name}"] if found else [])
         return model, folder, wall
 
-    p = c.policies
-    log.info("teacher set %s: %s; %d tokens per sequence (prompt %d), vocabulary %d; ring K=%d, anchor A=%d K=%d, "
-             "loopcoder W=%d", name, TEACHERS[name][1], spec.seq_len, spec.prompt_len, spec.vocab_size, p.ring,
-             p.anchor, p.anchor_ring, p.window)
+    p, m = c.policies, c.model
+    log.info("teacher set %s: %s", name, TEACHERS[name][1])
+    log.info("%s: %d tokens per sequence (prompt %d), vocabulary %d; %d layers, d = %d, %d heads, %d loops; "
+             "ring K=%d, anchor A=%d K=%d, loopcoder W=%d", name, spec.seq_len, spec.prompt_len, spec.vocab_size,
+             m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.loops, p.ring, p.anchor, p.anchor_ring,
+             p.window)
     teacher, teacher_dir, wall = pretrained("ouro")
     for policy in KV_SHARINGS:
         model = OuroLM.from_pretrained(teacher_dir, device=c.device, kv_sharing=policy, **_policy_options(c, policy))
