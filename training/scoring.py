@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from models.layers import CausalLM
+from models.causal_lm import CausalLM
 
 from .corpus import byte_mask
 from .student import loop_forward

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.layers import CausalLM
+from models.causal_lm import CausalLM
 from models.runtime import score
 
 from .config import TrainConfig, sequence_spec

@@ -220,7 +220,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("bad, line", [
     ("melt.chunk_size=abc", "melt.chunk_size: Value 'abc' of type 'str' could not be converted to Integer; allowed: "),
     ("nosuch=1", "nosuch: not a setting of train_melt.py; allowed: out_dir, "),
-    ("preset=nope", "preset: unknown value 'nope'; allowed: ablations | policies | policies_quick | quick"),
+    ("preset=nope", "preset: unknown value 'nope'; allowed: ablations | depth | depth_quick | policies | policies_quick | quality | quick | text | text_quick"),
 ])
 def test_preflight_makes_hydra_errors_one_line(capsys, bad, line):
     sys.path.insert(0, str(ROOT))

@@ -76,10 +76,10 @@ def test_quick_depth_pipeline_end_to_end(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from training import config as train_config
-    from training.policies import run
+    from training.design_quality import run
 
     train_config.register()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(root / "conf" / "train"), version_base="1.3"):
         c = train_config.resolve(compose("config", overrides=["preset=depth_quick", f"out_dir={tmp_path}"]))
     run(c)

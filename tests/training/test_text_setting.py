@@ -118,7 +118,7 @@ def _compose(*overrides):
     from training import config as train_config
 
     train_config.register()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(root / "conf" / "train"), version_base="1.3"):
         return train_config.resolve(compose("config", overrides=list(overrides)))
 
@@ -145,7 +145,7 @@ def test_text_quick_pipeline_end_to_end_and_resumed(tmp_path):
     import pandas as pd
     from transformers import PreTrainedTokenizerFast
 
-    from training.policies import run
+    from training.design_quality import run
 
     c = _compose("preset=text_quick", f"out_dir={tmp_path}")
     run(c)
