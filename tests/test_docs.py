@@ -92,6 +92,12 @@ EXPENSIVE = {
         "a point of about 15 s, past the cheap set's budget; tests/test_config.py composes "
         "every policy= choice and tests/models/test_cache_policies.py runs each design",
     f"{PY} run_bench.py -m experiment=policies": "100 points at size small: about 8 minutes on 2 cores",
+    f"{PY} train_melt.py preset=depth out_dir=results/reference/quality/depth":
+        "about 5 minutes on one core; tests/training/test_products_task.py runs preset=depth_quick",
+    f"{PY} train_melt.py preset=text out_dir=results/reference/quality/text":
+        "about 35 minutes on one core; tests/training/test_text_setting.py runs preset=text_quick",
+    f"{PY} -m training.corpus heldout results/stdlib_heldout.txt":
+        "tests/training/test_text_setting.py writes the held-out split the same way and reads it back",
     f"{PY} train_melt.py preset=policies out_dir=results/reference/policies":
         "retrains six post-trained models into the committed run: about a quarter of an hour; "
         "tests/training/test_design_quality.py runs the quick preset",

@@ -23,6 +23,7 @@ TRAINING = "results/reference/training"
 PAPER = "results/reference/paper_table2"
 POLICIES = "results/reference/policies"
 H200 = "results/reference/NVIDIA_H200"
+QUALITY = "results/reference/quality"
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,52 @@ def h200_decode(root: Path) -> str:
     return _markdown(["model", "decode step", "tokens/s", "bandwidth util"], rows, left=2)
 
 
+def quality_depth_sweep(root: Path) -> str:
+    """The sweep that chose the depth setting: per run, its task and size, the teacher's accuracy
+    at each exit, the standard model's and their ratio."""
+    df = _csv(root / QUALITY / "depth_sweep.csv")
+    rows = [[r.task, str(r.symbols), str(r.hops), f"{r.layers} x d{r.width}, {r.heads} heads",
+             str(r.steps), str(r.seed), r.exits.strip("[]"),
+             "" if pd.isna(r.standard_acc) else f"{r.standard_acc:.3f}",
+             "" if pd.isna(r.ratio) else f"{r.ratio:.2f}"] for r in df.itertuples()]
+    return _markdown(["task", "symbols", "hops / M", "layers", "steps", "seed", "teacher at exits 1..T",
+                      "standard", "standard / teacher"], rows, left=4)
+
+
+def quality_designs(root: Path) -> str:
+    """Each design's share of the per-loop teacher kept, on the depth and the text settings, and
+    the text's bits per byte."""
+    depth = _csv(root / QUALITY / "depth" / "quality.csv")
+    text = _csv(root / QUALITY / "text" / "quality.csv")
+    rows = []
+    for d, t in zip(depth.itertuples(), text.itertuples()):
+        if (d.policy, d.training) != (t.policy, t.training):
+            raise LookupError(f"rows differ: {d.policy} {d.training} / {t.policy} {t.training}")
+        rows.append([_design(d.policy), d.training, f"{d.accuracy_vs_teacher:.3f}",
+                     f"{t.accuracy_vs_teacher:.3f}", f"{t.bits_per_byte:.3f}"])
+    return _markdown(["design", "training", "depth: retained", "text: retained (next byte)",
+                      "text: bits per byte"], rows, left=2)
+
+
+def quality_exits(root: Path) -> str:
+    """The teachers cut at 1..T loops: depth accuracy, text bits per byte and accuracy."""
+    depth = _csv(root / QUALITY / "depth" / "exits.csv")
+    text = _csv(root / QUALITY / "text" / "exits.csv")
+    rows = [[str(d.exit), f"{d.accuracy:.3f}", f"{t.bits_per_byte:.3f}", f"{t.accuracy:.3f}"]
+            for d, t in zip(depth.itertuples(), text.itertuples())]
+    return _markdown(["loops", "depth: accuracy", "text: bits per byte", "text: next-byte accuracy"], rows)
+
+
+def quality_text_drift(root: Path) -> str:
+    """On text, each loop's K/V against the last loop's (cosine), per layer."""
+    df = _csv(root / QUALITY / "text" / "drift.csv")
+    rows = []
+    for (layer, kind), g in df.groupby(["layer", "kind"], sort=True):
+        rows.append([str(layer), kind] + [f"{c:.3f}" for c in g.sort_values("loop").cos_vs_last])
+    loops = sorted(df.loop.unique())
+    return _markdown(["layer", "kind"] + [f"loop {n}" for n in loops], rows, left=2)
+
+
 QUOTES: dict[str, Quote] = {
     "cpu.headline": Quote((f"{CPU}/table.csv",), cpu_headline, table=True),
     "cpu.loops1": Quote((f"{CPU}/table.csv",), cpu_loops1, table=True),
@@ -324,5 +371,10 @@ QUOTES: dict[str, Quote] = {
     "h200.estimate_error": Quote((f"{H200}/estimates/estimate_vs_cuda.csv",), h200_estimate_error),
     "h200.decode": Quote((f"{H200}/decode_speed_eager/table.csv", f"{H200}/decode_speed/table.csv"),
                          h200_decode, table=True),
+    "quality.depth_sweep": Quote((f"{QUALITY}/depth_sweep.csv",), quality_depth_sweep, table=True),
+    "quality.designs": Quote((f"{QUALITY}/depth/quality.csv", f"{QUALITY}/text/quality.csv"), quality_designs,
+                             table=True),
+    "quality.exits": Quote((f"{QUALITY}/depth/exits.csv", f"{QUALITY}/text/exits.csv"), quality_exits, table=True),
+    "quality.text_drift": Quote((f"{QUALITY}/text/drift.csv",), quality_text_drift, table=True),
     "layout.imports": Quote(tuple(str(part_file(Path("."), p)) for p in PARTS), imports_table, table=True),
 }
