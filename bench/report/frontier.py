@@ -130,7 +130,8 @@ def plot(joined: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-TEACHER_NOTES = {"ouro": "loss at every exit, 2 layers", "last_exit": "loss at the last exit, 1 layer"}
+TEACHER_NOTES = {"ouro": "loss at every exit, 2 layers", "last_exit": "loss at the last exit, 1 layer",
+                 "depth": "S3 products, 1 layer", "text": "stdlib source, next byte, 2 layers"}
 COLUMNS_SHOWN = {"teacher": "teacher", "design": "design", "training": "training", "accuracy": "accuracy",
                  "accuracy_vs_teacher": "of teacher", "heldout_loss": "held-out loss",
                  "kv_bytes_per_token": "KV B/token (task)", "ouro_kv_per_token": "KV MB/token, prefill",
