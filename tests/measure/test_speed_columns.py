@@ -235,7 +235,7 @@ def test_capacity_report_of_an_untimed_search(tmp_path):
     assert (tmp_path / CAPACITY_PLOT).stat().st_size > 0
 
 
-def _gpu_check(tmp_path, **env) -> "subprocess.CompletedProcess":
+def _gpu_check(tmp_path, **env):
     import subprocess
 
     from conftest import ROOT
