@@ -87,3 +87,14 @@ def save_ouro_checkpoint(folder: Path, seed: int = 0, **changes):
     config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
     return model
+
+
+def compose_train(*overrides: str):
+    """train_melt.py's resolved settings for these overrides, as its command line composes them."""
+    from hydra import compose, initialize_config_dir
+
+    from training import config as train_config
+
+    train_config.register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "train"), version_base="1.3"):
+        return train_config.resolve(compose("config", overrides=list(overrides)))

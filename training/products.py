@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .task import TaskData
+
 _PERMS = list(itertools.permutations(range(3)))      # S3 as permutations of (0, 1, 2); index 0 = identity
 # TABLE[a, b] = the element a∘b: apply b, then a
 TABLE = torch.tensor([[_PERMS.index(tuple(a[b[i]] for i in range(3))) for b in _PERMS] for a in _PERMS])
@@ -97,17 +99,7 @@ def last_block_size(spec: ProductsSpec, tokens: torch.Tensor) -> torch.Tensor:
     return spec.seq_len - 3 - last_sep
 
 
-class ProductsData:
-    """task.TaskData's interface: a seeded training stream, restartable, and a fixed held-out set
-    from its own generator (seed + 1,000,003)."""
+class ProductsData(TaskData):
+    """task.TaskData over products: the same seeded stream and held-out set, this task's batches."""
 
-    def __init__(self, spec: ProductsSpec, seed: int, batch_size: int, eval_size: int):
-        self.spec, self.batch_size = spec, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.eval_tokens, self.eval_mask = make_batch(spec, eval_size, torch.Generator().manual_seed(seed + 1_000_003))
-
-    def reset(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return make_batch(self.spec, self.batch_size, self.generator)
+    make_batch = staticmethod(make_batch)

@@ -116,15 +116,19 @@ def targets(tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
 
 class TaskData:
     """Deterministic training batches (a stream seeded by `seed`, restartable with reset) and a
-    fixed held-out set from its own generator (seed + 1,000,003)."""
+    fixed held-out set from its own generator (seed + 1,000,003). Another task's data is this class
+    with its own `make_batch(spec, batch_size, generator) -> (tokens, loss_mask)`."""
 
-    def __init__(self, spec: TaskSpec, seed: int, batch_size: int, eval_size: int):
+    make_batch = staticmethod(make_batch)
+
+    def __init__(self, spec, seed: int, batch_size: int, eval_size: int):
         self.spec, self.batch_size = spec, batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.eval_tokens, self.eval_mask = make_batch(spec, eval_size, torch.Generator().manual_seed(seed + 1_000_003))
+        self.eval_tokens, self.eval_mask = self.make_batch(spec, eval_size,
+                                                           torch.Generator().manual_seed(seed + 1_000_003))
 
     def reset(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return make_batch(self.spec, self.batch_size, self.generator)
+        return self.make_batch(self.spec, self.batch_size, self.generator)

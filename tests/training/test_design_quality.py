@@ -3,7 +3,7 @@ against the inference models, a distillation step, and the policies pipeline end
 
 import pytest
 import torch
-from conftest import save_random_looplm
+from conftest import compose_train, save_random_looplm
 
 from models import LoopCoderLM, OuroLM, make_config
 from training.student import loop_forward, policy_forward
@@ -85,19 +85,6 @@ def test_a_distillation_step_lowers_the_loss(teacher_dir, policy):
 
 # -- the policies pipeline ------------------------------------------------------------------------
 
-def _compose(*overrides):
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from training import config as train_config
-
-    train_config.register()
-    root = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(root / "conf" / "train"), version_base="1.3"):
-        return train_config.resolve(compose("config", overrides=list(overrides)))
-
-
 @pytest.mark.parametrize("override, message", [
     ("policies.teachers=[ouro,nope]", "policies.teachers: unknown teacher set 'nope'; allowed: ouro | last_exit"),
     ("policies.post_train=[last_exit]", "policies.post_train: ['last_exit'] names a set not in policies.teachers"),
@@ -108,7 +95,7 @@ def _compose(*overrides):
 def test_bad_policies_settings_are_one_line(override, message):
     extra = ["policies.teachers=[ouro]"] if "post_train" in override else []
     with pytest.raises(ValueError) as e:
-        _compose("preset=policies", override, *extra)
+        compose_train("preset=policies", override, *extra)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -122,7 +109,7 @@ def test_quick_policies_pipeline_end_to_end(tmp_path):
     from models.cache_policies import KV_SHARINGS
     from training.design_quality import COLUMNS, run
 
-    c = _compose("preset=policies_quick", f"out_dir={tmp_path}")
+    c = compose_train("preset=policies_quick", f"out_dir={tmp_path}")
     run(c)
     df = pd.read_csv(tmp_path / "quality.csv")
     assert list(df.columns) == COLUMNS

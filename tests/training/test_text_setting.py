@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import compose_train
 
 from models import build_from_config, make_config
 from training import byte_tokenizer
@@ -110,19 +111,6 @@ def test_cached_and_uncached_bits_per_byte_agree():
 
 # -- the text teacher set in the policies pipeline --------------------------------------------------
 
-def _compose(*overrides):
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from training import config as train_config
-
-    train_config.register()
-    root = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(root / "conf" / "train"), version_base="1.3"):
-        return train_config.resolve(compose("config", overrides=list(overrides)))
-
-
 @pytest.mark.parametrize("override, message", [
     ("+policies.overrides.text.teacher.steps=0", "teacher.steps: text teacher set: got 0; allowed: an integer >= 1"),
     ("+policies.overrides.nope.teacher.steps=3", "policies.overrides: unknown teacher set 'nope'; allowed: "),
@@ -133,7 +121,7 @@ def _compose(*overrides):
 ])
 def test_bad_text_settings_are_one_line(override, message):
     with pytest.raises(ValueError) as e:
-        _compose("preset=text", override)
+        compose_train("preset=text", override)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -147,7 +135,7 @@ def test_text_quick_pipeline_end_to_end_and_resumed(tmp_path):
 
     from training.design_quality import run
 
-    c = _compose("preset=text_quick", f"out_dir={tmp_path}")
+    c = compose_train("preset=text_quick", f"out_dir={tmp_path}")
     run(c)
     df = pd.read_csv(tmp_path / "quality.csv")
     assert set(df.teacher) == {"text"} and df.bits_per_byte.notna().all()
