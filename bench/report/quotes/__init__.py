@@ -23,6 +23,8 @@ FILE defaults to README.md, docs/*.md and results/README.md. Exit status: 0 all 
 an unknown name or a malformed marker, 2 bad input (one line on stderr).
 
     sources.py   each quote's name, the result files it reads and the text it makes from them
+    designs.py   the cache designs' quotes (memory and quality per design, drift, the depth sweep)
+    read.py      where the committed results are, reading them, a Markdown table
     markers.py   finding the marked regions in Markdown, checking and rewriting them; the command
 
 May import: bench.rows.
