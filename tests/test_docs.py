@@ -96,9 +96,10 @@ EXPENSIVE = {
         "about 5 minutes on one core; tests/training/test_products_task.py runs preset=depth_quick",
     f"{PY} train_melt.py preset=text out_dir=results/reference/quality/text":
         "about 35 minutes on one core; tests/training/test_text_setting.py runs preset=text_quick",
-    f"{PY} -m bench.report.frontier results/reference/quality/quality.csv "
+    f"{PY} -m bench.report.frontier results/reference/policies/quality.csv results/reference/quality/quality.csv "
     "results/reference/policies/memory_ouro_1.4b --out results/reference/quality":
-        "rewrites a committed folder; tests/report/ runs the frontier on the policies' results",
+        "rewrites a committed folder; tests/report/test_frontier.py runs it into a temporary folder and "
+        "compares the table with the committed one",
     f"{PY} -m training.corpus heldout results/stdlib_heldout.txt":
         "tests/training/test_text_setting.py writes the held-out split the same way and reads it back",
     f"{PY} train_melt.py preset=policies out_dir=results/reference/policies":

@@ -1,20 +1,22 @@
 """Every looped KV-cache design in one table: what it keeps, what it costs in memory at Ouro-1.4B,
 and what it costs in quality on the post-training task; and the memory-vs-quality frontier.
 
-    python -m bench.report.frontier QUALITY_CSV MEMORY_RESULTS [--out DIR]
+    python -m bench.report.frontier QUALITY_CSV [QUALITY_CSV ...] MEMORY_RESULTS [--out DIR]
 
 QUALITY_CSV is the quality pipeline's table (train_melt.py preset=policies: one row per teacher
 and design: accuracy, its ratio to the teacher, held-out loss, KV bytes per token at the task's
-size, training time). MEMORY_RESULTS is a sweep of the same designs at Ouro-1.4B shapes, bfloat16,
+size, training time); several are put one after the other, each teacher set in one of them only.
+MEMORY_RESULTS is a sweep of the same designs at Ouro-1.4B shapes, bfloat16,
 32K tokens and 4 loops under the fake probe (experiment=policies with those overrides). Writes
 table.csv, table.md and frontier.png to DIR (default: QUALITY_CSV's folder): accuracy retained
-against the KV bytes per token each design keeps at Ouro-1.4B, one labelled point per design, the
-frontier (designs no other beats on both) drawn.
+against the KV bytes per token each design keeps at Ouro-1.4B, one panel per teacher set (two to a
+row), one labelled point per design, the frontier (designs no other beats on both) drawn.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -85,13 +87,17 @@ def _spread(ys: list[float], gap: float, low: float = -0.04, high: float = 1.08)
 
 
 def plot(joined: pd.DataFrame, path: Path) -> None:
-    """One panel per teacher: accuracy retained against the KV bytes per token each design keeps
+    """One panel per teacher set, two to a row: accuracy retained against the KV bytes per token each design keeps
     while decoding at Ouro-1.4B; hollow points zero-shot, filled post-trained, squares the
     pretrained models; the frontier drawn."""
     x, y = "ouro_kv_per_token_decode", "accuracy_vs_teacher"
     teachers = list(dict.fromkeys(joined.teacher))
-    fig, axes = plt.subplots(1, len(teachers), figsize=(6.4 * len(teachers), 5.2), sharey=True, squeeze=False)
-    for ax, teacher in zip(axes[0], teachers):
+    ncols = min(2, len(teachers))
+    nrows = math.ceil(len(teachers) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 5.2 * nrows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(teachers):]:
+        ax.set_visible(False)
+    for ax, teacher in zip(axes.flat, teachers):
         rows = joined[(joined.teacher == teacher) & joined[x].notna()].copy()
         rows["mb"] = rows[x] / 1e6
         # Designs at (nearly) one x get their labels in a column right of the points, in y order.
@@ -119,19 +125,22 @@ def plot(joined: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"teacher: {teacher} ({TEACHER_NOTES.get(teacher, '')})", fontsize=9)
         ax.set_xlabel("KV cache MB per token while decoding (Ouro-1.4B, bf16, 32K tokens; log)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy retained (of the per-loop teacher's)")
+    for row in axes:
+        row[0].set_ylabel("accuracy retained (of the per-loop teacher's)")
     handles = [plt.Line2D([], [], ls="", marker="o", mfc="none", mec="k", label="zero-shot (the teacher's weights)"),
                plt.Line2D([], [], ls="", marker="o", color="k", label="post-trained like MELT"),
                plt.Line2D([], [], ls="", marker="s", color="k", label="pretrained"),
                plt.Line2D([], [], color="k", alpha=0.5, label="frontier")]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("Every looped KV-cache design: memory against quality", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 / nrows, 1, 1))
     save_figure(fig, path, dpi=120)
 
 
-TEACHER_NOTES = {"ouro": "loss at every exit, 2 layers", "last_exit": "loss at the last exit, 1 layer",
-                 "depth": "S3 products, 1 layer", "text": "stdlib source, next byte, 2 layers"}
+TEACHER_NOTES = {"ouro": "multi-hop lookups, loss at every exit, 2 layers",
+                 "last_exit": "multi-hop lookups, loss at the last exit, 1 layer",
+                 "depth": "S3 products, loss at every exit, 1 layer",
+                 "text": "stdlib source, next byte, loss at every exit, 2 layers"}
 COLUMNS_SHOWN = {"teacher": "teacher", "design": "design", "training": "training", "accuracy": "accuracy",
                  "accuracy_vs_teacher": "of teacher", "heldout_loss": "held-out loss",
                  "kv_bytes_per_token": "KV B/token (task)", "ouro_kv_per_token": "KV MB/token, prefill",
@@ -157,17 +166,26 @@ def markdown(joined: pd.DataFrame) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report.frontier", description=__doc__.split("\n")[0])
-    parser.add_argument("quality", help="quality.csv of the policies' post-training pipeline")
+    parser.add_argument("quality", nargs="+", help="quality.csv of the policies' post-training pipeline (one or more)")
     parser.add_argument("memory", help="results folder of the designs at Ouro-1.4B, 32K, fake probe")
     parser.add_argument("--out", help="where to write (default: the quality table's folder)")
     args = parser.parse_args(argv)
-    if not Path(args.quality).is_file():
-        parser.exit(2, f"{parser.prog}: error: {args.quality}: no such file\n")
-    quality, memory = pd.read_csv(args.quality), load_rows(args.memory)
+    missing = [p for p in args.quality if not Path(p).is_file()]
+    if missing:
+        parser.exit(2, f"{parser.prog}: error: {missing[0]}: no such file\n")
+    tables = [pd.read_csv(p) for p in args.quality]
+    seen: dict[str, str] = {}
+    for path, df in zip(args.quality, tables):
+        for teacher in dict.fromkeys(df.teacher):
+            if teacher in seen:
+                parser.exit(2, f"{parser.prog}: error: teacher set {teacher!r} is in both {seen[teacher]} and "
+                               f"{path}; allowed: each teacher set in one QUALITY_CSV\n")
+            seen[teacher] = path
+    quality, memory = pd.concat(tables, ignore_index=True), load_rows(args.memory)
     if memory.empty:
         parser.exit(2, f"{parser.prog}: error: no result rows under {args.memory}\n")
     joined = table(quality, memory)
-    out = Path(args.out or Path(args.quality).parent)
+    out = Path(args.out or Path(args.quality[0]).parent)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "table.csv") as tmp:
         joined.to_csv(tmp, index=False)

@@ -52,3 +52,27 @@ def test_main_writes_table_and_frontier(tmp_path):
     assert frontier.main([str(REF / "quality.csv"), str(REF / "memory_ouro_1.4b"), "--out", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"table.csv", "table.md", "frontier.png"}
     assert (tmp_path / "table.md").read_text() == frontier.markdown(pd.read_csv(tmp_path / "table.csv"))
+
+
+QUALITY = REF.parent / "quality"
+
+
+def test_several_quality_tables_are_joined_one_panel_per_teacher_set(tmp_path):
+    args = [str(REF / "quality.csv"), str(QUALITY / "quality.csv"), str(REF / "memory_ouro_1.4b"), "--out", str(tmp_path)]
+    assert frontier.main(args) == 0
+    joined = pd.read_csv(tmp_path / "table.csv")
+    assert list(dict.fromkeys(joined.teacher)) == ["ouro", "last_exit", "depth", "text"]
+    assert len(joined) == len(pd.read_csv(REF / "quality.csv")) + len(pd.read_csv(QUALITY / "quality.csv"))
+    # The README's designs table reads the committed join; it must be this one.
+    committed = pd.read_csv(QUALITY / "table.csv")
+    pd.testing.assert_frame_equal(joined, committed)
+
+
+def test_a_teacher_set_in_two_tables_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        frontier.main([str(REF / "quality.csv"), str(REF / "quality.csv"), str(REF / "memory_ouro_1.4b"),
+                       "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "teacher set 'ouro' is in both" in err and "allowed: each teacher set in one QUALITY_CSV" in err
+    assert not any(tmp_path.iterdir())

@@ -198,7 +198,7 @@ QUOTES: dict[str, Quote] = {
                                       lambda root: f"{_training(root, 'accuracy_vs_teacher'):.3f}"),
     "training.melt_kv_fraction": Quote((f"{TRAINING}/table.csv",), training_kv_fraction),
     "training.pipeline_wall": Quote((f"{TRAINING}/run.json",), training_pipeline_wall),
-    "policies.summary": Quote((f"{POLICIES}/table.csv",), designs.policies_summary, table=True),
+    "policies.summary": Quote((f"{QUALITY}/table.csv",), designs.policies_summary, table=True),
     "policies.memory": Quote((f"{POLICIES}/table.csv",), designs.policies_memory, table=True),
     "policies.quality": Quote((f"{POLICIES}/table.csv",), designs.policies_quality, table=True),
     "policies.drift": Quote((f"{POLICIES}/drift.csv",), designs.policies_drift, table=True),
