@@ -100,6 +100,9 @@ EXPENSIVE = {
     "results/reference/policies/memory_ouro_1.4b --out results/reference/quality":
         "rewrites a committed folder; tests/report/test_frontier.py runs it into a temporary folder and "
         "compares the table with the committed one",
+    f"{PY} train_melt.py preset=quality out_dir=results/quality":
+        "about an hour on one core (results/reference/quality/from-empty); the quick presets of each "
+        "teacher set run in tests/training/",
     f"{PY} -m training.corpus heldout results/stdlib_heldout.txt":
         "tests/training/test_text_setting.py writes the held-out split the same way and reads it back",
     f"{PY} train_melt.py preset=policies out_dir=results/reference/policies":

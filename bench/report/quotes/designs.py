@@ -134,3 +134,14 @@ def quality_text_drift(root: Path) -> str:
         rows.append([str(layer), kind] + [f"{c:.3f}" for c in g.sort_values("loop").cos_vs_last])
     loops = sorted(df.loop.unique())
     return markdown_table(["layer", "kind"] + [f"loop {n}" for n in loops], rows, left=2)
+
+
+def _from_empty(root: Path) -> dict:
+    return json.loads((root / QUALITY / "from-empty" / "run.json").read_text())
+
+
+def quality_from_empty_wall(root: Path) -> str:
+    """`preset=quality` from an empty folder: the whole run's wall time, and its longest part."""
+    run = _from_empty(root)
+    return (f"{run['pipeline_wall_s'] / 60:.0f} min (the text teacher "
+            f"{run['walls_s']['text/teacher'] / 60:.0f} min of it)")

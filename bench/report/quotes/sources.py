@@ -213,5 +213,6 @@ QUOTES: dict[str, Quote] = {
     "quality.exits": Quote((f"{QUALITY}/depth/exits.csv", f"{QUALITY}/text/exits.csv"), designs.quality_exits,
                            table=True),
     "quality.text_drift": Quote((f"{QUALITY}/text/drift.csv",), designs.quality_text_drift, table=True),
+    "quality.from_empty_wall": Quote((f"{QUALITY}/from-empty/run.json",), designs.quality_from_empty_wall),
     "layout.imports": Quote(tuple(str(part_file(Path("."), p)) for p in PARTS), imports_table, table=True),
 }
