@@ -6,8 +6,8 @@ and what it costs in quality on the post-training task; and the memory-vs-qualit
 QUALITY_CSV is the quality pipeline's table (train_melt.py preset=policies: one row per teacher
 and design: accuracy, its ratio to the teacher, held-out loss, KV bytes per token at the task's
 size, training time); several are put one after the other, each teacher set in one of them only.
-MEMORY_RESULTS is a sweep of the same designs at Ouro-1.4B shapes, bfloat16,
-32K tokens and 4 loops under the fake probe (experiment=policies with those overrides). Writes
+MEMORY_RESULTS is a sweep of the same designs at Ouro-1.4B shapes, bfloat16, 32K tokens and 4 loops
+under the fake probe (experiment=policies with those overrides). Writes
 table.csv, table.md and frontier.png to DIR (default: QUALITY_CSV's folder): accuracy retained
 against the KV bytes per token each design keeps at Ouro-1.4B, one panel per teacher set (two to a
 row), one labelled point per design, the frontier (designs no other beats on both) drawn.
@@ -87,9 +87,9 @@ def _spread(ys: list[float], gap: float, low: float = -0.04, high: float = 1.08)
 
 
 def plot(joined: pd.DataFrame, path: Path) -> None:
-    """One panel per teacher set, two to a row: accuracy retained against the KV bytes per token each design keeps
-    while decoding at Ouro-1.4B; hollow points zero-shot, filled post-trained, squares the
-    pretrained models; the frontier drawn."""
+    """One panel per teacher set, two to a row: accuracy retained against the KV bytes per token
+    each design keeps while decoding at Ouro-1.4B; hollow points zero-shot, filled post-trained,
+    squares the pretrained models; the frontier drawn."""
     x, y = "ouro_kv_per_token_decode", "accuracy_vs_teacher"
     teachers = list(dict.fromkeys(joined.teacher))
     ncols = min(2, len(teachers))

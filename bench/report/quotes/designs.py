@@ -23,6 +23,11 @@ def _policies(root: Path) -> pd.DataFrame:
     return read_csv(root / POLICIES / "table.csv")
 
 
+# A design's two rows per teacher set: with the teacher's weights (trained, for the teacher and the
+# standard model), then post-trained.
+TRAININGS = (("zero-shot", "pretrained"), ("post-trained",))
+
+
 def _accuracy(df: pd.DataFrame, policy: str, teacher: str, training: tuple[str, ...]) -> str:
     rows = df[(df.policy == policy) & (df.teacher == teacher) & df.training.isin(training)]
     return f"{float(rows.accuracy_vs_teacher.iloc[0]):.3f}" if len(rows) == 1 else ""
@@ -42,8 +47,7 @@ def policies_summary(root: Path) -> str:
     for design in df.drop_duplicates("policy").itertuples():
         cells = []
         for teacher in SETTINGS:
-            kept = [_accuracy(df, design.policy, teacher, training)
-                    for training in (("zero-shot", "pretrained"), ("post-trained",))]
+            kept = [_accuracy(df, design.policy, teacher, training) for training in TRAININGS]
             cells.append(" → ".join(v for v in kept if v))
         rows.append([design_name(design.policy), KEEPS.get(design.policy, ""), design.source,
                      f"{design.ouro_kv_per_token_decode / 1e6:.3f}", f"{design.ouro_decode_peak_gb:.1f}", *cells])
@@ -65,11 +69,10 @@ def policies_quality(root: Path) -> str:
     weights (zero-shot; pretrained for the teacher and the standard model) and post-trained."""
     df = _policies(root)
     teachers = list(dict.fromkeys(df.teacher))
-    rows = [[design_name(policy)] + [_accuracy(df, policy, teacher, training) for teacher in teachers
-                                 for training in (("zero-shot", "pretrained"), ("post-trained",))]
+    rows = [[design_name(policy)] + [_accuracy(df, policy, teacher, training)
+                                     for teacher in teachers for training in TRAININGS]
             for policy in dict.fromkeys(df.policy)]
     return markdown_table(["design", *[f"{t}: {w}" for t in teachers for w in ("zero-shot", "post-trained")]], rows)
-
 
 
 def policies_drift(root: Path) -> str:
@@ -87,7 +90,6 @@ def policies_drift(root: Path) -> str:
 def policies_pipeline_wall(root: Path) -> str:
     seconds = json.loads((root / POLICIES / "run.json").read_text())["pipeline_wall_s"]
     return f"{round(seconds / 60)} min"
-
 
 
 def quality_depth_sweep(root: Path) -> str:
@@ -136,12 +138,8 @@ def quality_text_drift(root: Path) -> str:
     return markdown_table(["layer", "kind"] + [f"loop {n}" for n in loops], rows, left=2)
 
 
-def _from_empty(root: Path) -> dict:
-    return json.loads((root / QUALITY / "from-empty" / "run.json").read_text())
-
-
 def quality_from_empty_wall(root: Path) -> str:
     """`preset=quality` from an empty folder: the whole run's wall time, and its longest part."""
-    run = _from_empty(root)
+    run = json.loads((root / QUALITY / "from-empty" / "run.json").read_text())
     return (f"{run['pipeline_wall_s'] / 60:.0f} min (the text teacher "
             f"{run['walls_s']['text/teacher'] / 60:.0f} min of it)")

@@ -19,7 +19,6 @@ H200 = "results/reference/NVIDIA_H200"
 QUALITY = "results/reference/quality"
 
 
-
 @functools.lru_cache(maxsize=None)
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path)
@@ -52,8 +51,6 @@ def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> s
     align = [":---" if i < left else "---:" for i in range(len(header))]
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
-
-
 
 
 def design_name(policy: str) -> str:
