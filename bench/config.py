@@ -96,11 +96,13 @@ class BenchConfig:
     profile: str = "none"
     # Sweep name: a multirun writes to results/<name>/ (set by each conf/experiment/*.yaml).
     name: str = "adhoc"
-    # Decode with the step compiled whole by torch.compile (CUDA graphs on a GPU). None: auto, on
-    # for CUDA and off for CPU. The memory pass always runs eager; hf_llama never compiles.
+    # Decode with the compiled step: each layer function under torch.compile once, for every layer
+    # and loop, and on a GPU the whole step one CUDA graph (models/compiled.py). None: auto, on for
+    # CUDA and off for CPU. The memory pass always runs eager; hf_llama never compiles.
     compile: Optional[bool] = None
-    # torch.compile's backend with compile=true: inductor (kernels; CUDA graphs on a GPU), or
-    # aot_eager / eager, which check that the step is captured whole without generating kernels.
+    # torch.compile's backend with compile=true: inductor (kernels), or
+    # aot_eager / eager, which check that every layer function is captured whole without generating
+    # kernels (on a GPU the step is still one CUDA graph).
     compile_backend: str = "inductor"
     # The capacity search (conf/experiment/capacity.yaml): the largest batch whose run fits
     # budget_gb (decimal GB, 1e9 bytes; default: the GPU's free memory; needed on CPU, where the

@@ -12,7 +12,8 @@
     cache.py       the preallocated KV cache (exact nbytes()); cache_policies.py: the LoopLM's
     construct.py   a model made in a dtype on a device (real, empty for loading, meta or fake)
     checkpoints.py the Hugging Face folder layout: save, load, Ouro's checkpoints
-    runtime.py     how a model is run: engine, compiled decode step, timers, scenario, generate, score
+    runtime.py     how a model is run: engine, decode loop, timers, scenario, generate, score
+    compiled.py    the compiled decode step: layer functions compiled once, the step one CUDA graph
 
 The bottom of the flow: runs with torch and transformers alone.
 May import: nothing.

@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, Slot
 from .config import ConfigError, LoopConfig
-from .layers import Backbone, Positions, RMSNorm, chunk_bounds
+from .layers import EAGER, Backbone, Eager, Positions, RMSNorm, chunk_bounds
 
 
 class CausalLM(nn.Module):
@@ -21,7 +21,7 @@ class CausalLM(nn.Module):
     they need and how the layers run over a block of tokens (run_positions)."""
 
     arch: str = ""
-    compilable = True  # decode_step goes under torch.compile whole (models/runtime.py)
+    compilable = True  # decode_step's layers can be compiled and the step captured (models/runtime.py)
     # Whether every full-size prefill chunk from the third on runs the same ops, on tensors whose
     # sizes depend on where the chunk starts only through one key axis of length L = start + C (the
     # mask [C, L] and what attend / SDPA make of it; the cache is read through views [B, Hkv, L, D]).
@@ -46,10 +46,16 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
-                      last_only: bool) -> torch.Tensor:
+                      last_only: bool, apply: Eager = EAGER) -> torch.Tensor:
         """The layers over a block of embedded tokens x [B, S, d] at `pos` -> final normed hidden
-        states [B, S, d] ([B, 1, d] may do when last_only)."""
+        states [B, S, d] ([B, 1, d] may do when last_only). Every layer application goes through
+        `apply` (models.layers.Eager: as written, or compiled once for all layers and loops)."""
         raise NotImplementedError
+
+    @staticmethod
+    def slot(cache: KVCache | None, slot: int) -> Slot | None:
+        """The buffers of cache slot `slot`, or None without a cache."""
+        return None if cache is None else cache.slot(slot)
 
     def num_decode_slots(self) -> int:
         """Slots the cache holds after the prefill (fewer for a policy that merges them)."""
@@ -193,15 +199,17 @@ class CausalLM(nn.Module):
         """The prompt [B, S] into a fresh cache -> logits of its last position [B, 1, V]."""
         return self(input_ids, cache=cache, start_pos=0, last_only=True, chunk_size=chunk_size)
 
-    def decode_step(self, token: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, cache: KVCache, pos: torch.Tensor,
+                    apply: Eager = EAGER) -> torch.Tensor:
         """One decode token per sequence, token [B, 1] at position pos (int64 tensor [1]) -> logits
         [B, 1, V]. Same result as self(token, cache=cache, start_pos=int(pos), last_only=True), but
         with static shapes (attention covers all max_len rows of the cache, masked past pos) and no
-        Python value that changes per step, so torch.compile captures the whole step once (and
-        CUDA graphs replay it). No input checks here: they would read pos back to Python."""
+        Python value that changes per step, so each compiled layer (apply) is traced once and a
+        CUDA graph can replay the whole step (models/runtime.py). No input checks here: they would
+        read pos back to Python."""
         c = self.config
         positions = Positions.at(pos, cache.max_len, c.head_dim, c.rope_theta, self.dtype)
-        hidden = self.run_positions(self.model.embed_tokens(token), cache, positions, last_only=True)
+        hidden = self.run_positions(self.model.embed_tokens(token), cache, positions, True, apply)
         return self.lm_head(hidden)
 
     def decode(self, token: torch.Tensor, cache: KVCache, start_pos: int, steps: int,

@@ -128,9 +128,6 @@ class HFCache:
         self.hf_cache = DynamicCache(config=self.hf_config)
         return self
 
-    def mark_static(self) -> "HFCache":
-        return self  # nothing is compiled
-
     def buffers(self) -> list[torch.Tensor]:
         return [t for layer in self.hf_cache.layers
                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None))

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, Slot
 from .config import LoopConfig
 from .causal_lm import CausalLM
-from .layers import Attention, Positions, attend
+from .layers import EAGER, Attention, DecoderLayer, Eager, Positions, attend, decoder_layer
 
 
 class WindowGate(nn.Module):
@@ -80,46 +80,47 @@ class LoopCoderLM(CausalLM):
         return KVCache.slot_bytes(1, c.num_key_value_heads, c.num_hidden_layers, c.head_dim, self.dtype)
 
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
-                      last_only: bool) -> torch.Tensor:
+                      last_only: bool, apply: Eager = EAGER) -> torch.Tensor:
         c = self.config
         N, T = c.num_hidden_layers, c.loops
         for loop in range(T):
             for layer_idx, layer in enumerate(self.model.layers):
                 if loop == 0:
-                    x = layer(x, pos, cache, slot=layer_idx)
+                    x = apply(decoder_layer, layer, x, pos, self.slot(cache, layer_idx))
                 else:
-                    ring = N + (loop - 1) * N + layer_idx
-                    x = layer(x, pos, attention=self._window_attention(layer_idx, ring, cache, pos))
+                    x = apply(window_layer, layer, self.model.window_gates[layer_idx], x, pos,
+                              cache.slot(layer_idx), cache.slot(N + (loop - 1) * N + layer_idx), c.kv_window)
             x = self.model.norm(x[:, -1:] if last_only and loop == T - 1 else x)
         return x
 
-    def _window_attention(self, layer_idx: int, ring: int, cache: KVCache, pos: Positions):
-        gate = self.model.window_gates[layer_idx]
-        window = self.config.kv_window
 
-        def attention(attn: Attention, u: torch.Tensor) -> torch.Tensor:
-            q = attn.queries(u, pos)                                                   # [B, H, S, D]
-            k, v = attn.keys_values(u, pos)                                            # [B, Hkv, S, D]
-            glob = attend(q, *cache.read(layer_idx, pos.start, u.shape[1]), pos.mask)
-            local = _local_attention(q, k, v, cache, ring, pos, window)
-            g = gate(q)
-            return attn.output(g * glob + (1 - g) * local)
+def window_layer(layer: DecoderLayer, gate: WindowGate, x: torch.Tensor, pos: Positions, global_slot: Slot,
+                 ring: Slot, window: int) -> torch.Tensor:
+    """Loop t >= 1 of one layer: x [B, S, d] -> [B, S, d], its attention the gated mix of loop 0's
+    K/V (global_slot, nothing written) and this loop's window of K/V (ring)."""
+    def attention(attn: Attention, u: torch.Tensor) -> torch.Tensor:
+        q = attn.queries(u, pos)                                                   # [B, H, S, D]
+        k, v = attn.keys_values(u, pos)                                            # [B, Hkv, S, D]
+        glob = attend(q, *global_slot.read(pos.start, u.shape[1]), pos.mask)
+        local = _local_attention(q, k, v, ring, pos, window)
+        g = gate(q)
+        return attn.output(g * glob + (1 - g) * local)
 
-        return attention
+    return layer(x, pos, attention=attention)
 
 
-def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, ring: int,
-                     pos: Positions, window: int) -> torch.Tensor:
+def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Slot, pos: Positions,
+                     window: int) -> torch.Tensor:
     """Attention of q [B, H, S, D] over the last `window` tokens' K/V of this loop (its own k, v
     [B, Hkv, S, D] and, from the ring buffer, earlier tokens'), then k, v go into the ring, row
     p mod rows for position p (rows = the ring's length: min(window, max_len))."""
-    keys, values = cache.buffers_of(ring)                                                        # [B, Hkv, rows, D]
+    keys, values = ring                                                                          # [B, Hkv, rows, D]
     rows = keys.shape[2]
     if isinstance(pos.start, torch.Tensor):
         # The decode step: one token at tensor position p. Row j of the ring holds position
         # p - ((p - j) mod rows) after the write: valid when that is >= 0.
         p = pos.start
-        cache.write(ring, p % rows, k, v)
+        ring.write(p % rows, k, v)
         j = torch.arange(rows, device=p.device)
         mask = (p[:, None] - torch.remainder(p[:, None] - j[None, :], rows)) >= 0                # [1, rows]
         return attend(q, keys, values, mask)
@@ -135,5 +136,5 @@ def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
     mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
     out = attend(q, k_all, v_all, mask)
     keep = torch.arange(max(start, start + S - rows), start + S, device=q.device)                # the last rows
-    cache.write(ring, keep % rows, k.index_select(2, keep - start), v.index_select(2, keep - start))
+    ring.write(keep % rows, k.index_select(2, keep - start), v.index_select(2, keep - start))
     return out

@@ -24,10 +24,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, Slot
 from .config import LoopConfig
 from .causal_lm import CausalLM
-from .layers import Positions
+from .layers import EAGER, DecoderLayer, Eager, Positions
 
 
 class _Half(NamedTuple):
@@ -67,8 +67,9 @@ class LatentGate(nn.Module):
         """U_z [d, d]: a view of the fused matrix."""
         return _Half(self.proj.weight[:, self.hidden_size:], None)
 
-    def forward(self, u: torch.Tensor, h_prev: torch.Tensor | None, loop: int) -> torch.Tensor:
-        """u [B, C, d] of loop `loop` (0-based), h_prev [B, C, d] or None at loop 0 -> h [B, C, d]."""
+    def forward(self, u: torch.Tensor, h_prev: torch.Tensor | None, loop: int | torch.Tensor) -> torch.Tensor:
+        """u [B, C, d] of loop `loop` (0-based; an int, or a 0-d tensor in a compiled step), h_prev
+        [B, C, d] or None at loop 0 -> h [B, C, d]."""
         if h_prev is None:
             if self.init_latent == "input":
                 return u                                     # h = z*u + (1-z)*u = u, exactly
@@ -121,22 +122,30 @@ class MeltLM(CausalLM):
         return self.config.chunk_size
 
     def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions,
-                      last_only: bool) -> torch.Tensor:
+                      last_only: bool, apply: Eager = EAGER) -> torch.Tensor:
         """One chunk (the decode step: a chunk of one token), all loops in lock-step -> s_T."""
         T = self.config.loops
-        latents: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers  # N x [B, C, d]
-
-        def latent_update(layer_idx: int, loop: int):
-            def update(u: torch.Tensor) -> torch.Tensor:
-                h = self.model.latent_gates[layer_idx](u, latents[layer_idx], loop)
-                # After the last loop no latent is read again: none is kept (with one loop MELT
-                # then holds exactly what the standard model holds).
-                latents[layer_idx] = h if loop < T - 1 else None
-                return h
-            return update
-
+        latents = [[None] for _ in self.model.layers]   # per layer: [h_prev [B, C, d]], or [None] at loop 0
         for loop in range(T):
             for layer_idx, layer in enumerate(self.model.layers):
-                x = layer(x, pos, cache, slot=layer_idx, latent=latent_update(layer_idx, loop))
+                # After the last loop no latent is read again: none is kept (with one loop MELT
+                # then holds exactly what the standard model holds).
+                x = apply(gated_layer, layer, self.model.latent_gates[layer_idx], x, latents[layer_idx],
+                          apply.loop(loop), pos, self.slot(cache, layer_idx), loop < T - 1)
             x = self.model.norm(x[:, -1:] if last_only and loop == T - 1 else x)
         return x  # the latents die with the chunk
+
+
+def gated_layer(layer: DecoderLayer, gate: LatentGate, x: torch.Tensor, latent: list, loop: int | torch.Tensor,
+                pos: Positions, slot: Slot | None, keep: bool) -> torch.Tensor:
+    """One layer of one MELT loop: x [B, C, d] -> [B, C, d], K/V made from the gated latent.
+    latent is the layer's [h_prev] (or [None] at loop 0): the gate takes h_prev out of it, so h_prev
+    dies once read, and puts the new h back only when a later loop reads it (keep), so the last
+    loop's h dies once its K/V are made."""
+    def update(u: torch.Tensor) -> torch.Tensor:
+        h = gate(u, latent.pop(), loop)
+        if keep:
+            latent.append(h)
+        return h
+
+    return layer(x, pos, slot, latent=update)

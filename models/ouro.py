@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, Slot
 from .config import LoopConfig
 from .causal_lm import CausalLM
-from .layers import Positions
+from .layers import EAGER, DecoderLayer, Eager, Positions, decoder_layer
 from .cache_policies import POLICIES, KVPolicy
 
 
@@ -80,7 +80,8 @@ class OuroLM(CausalLM):
             cache.merge_groups([[g * N + layer for g in range(self._groups())] for layer in range(N)],
                                self.policy.merge)
 
-    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool,
+                      apply: Eager = EAGER) -> torch.Tensor:
         c = self.config
         N, T, policy = c.num_hidden_layers, c.loops, self.policy
         merged = cache is not None and cache.merged      # decoding with one slot per layer
@@ -91,11 +92,11 @@ class OuroLM(CausalLM):
         exits = []                                       # s_t per loop, when the exit policy needs them
         for loop in range(T):
             group = 0 if merged else policy.group(loop, c.kv_ring, c.kv_anchor)
-            write = policy.writes(loop)
+            run_layer = decoder_layer if policy.writes(loop) else reading_layer
             for layer_idx, layer in enumerate(self.model.layers):
-                x = layer(x, pos, cache, group * N + layer_idx, write=write)
+                x = apply(run_layer, layer, x, pos, self.slot(cache, group * N + layer_idx))
                 if keep == "mean" or (keep == "first" and loop == 0):
-                    rows = cache.copy_rows(layer_idx, pos.start, x.shape[1])
+                    rows = cache.slot(layer_idx).copy_rows(pos.start, x.shape[1])
                     kept[layer_idx] = rows if kept[layer_idx] is None else tuple(
                         a + b for a, b in zip(kept[layer_idx], rows))
             # s_t: exit t and the input of loop t+1 (the last loop's only at the last position
@@ -115,3 +116,8 @@ class OuroLM(CausalLM):
         exit_loop = exit_loops_by_threshold(gate_logits, c.exit_threshold)  # [B, S]
         index = exit_loop[None, :, :, None].expand(1, *states.shape[1:])
         return states.gather(0, index.long()).squeeze(0)
+
+
+def reading_layer(layer: DecoderLayer, x: torch.Tensor, pos: Positions, slot: Slot) -> torch.Tensor:
+    """A loop that writes no K/V (first_writes' later loops): its queries read the slot's rows."""
+    return layer(x, pos, slot, write=False)

@@ -3,8 +3,8 @@
 The model files hold modules (layers, loops, cache policies); this one holds how they are run,
 the way gpt-fast keeps generate.py apart from model.py:
 
-    engine = Engine(model, compile=True)          # compile: the decode step under torch.compile
-    cache = engine.new_cache(batch, max_len)      # marked static when compiled (CUDA graphs)
+    engine = Engine(model, compile=True)          # compile: the decode step's layers compiled once,
+    cache = engine.new_cache(batch, max_len)      # and on a GPU the whole step one CUDA graph
     logits = engine.prefill(prompt, cache, chunk_size=500)
     tokens = engine.decode(logits, cache, start_pos=S, steps=32, timer=StepTimer(device))
 
@@ -24,14 +24,14 @@ from typing import Callable, Protocol
 
 import torch
 
-Step = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+from .compiled import CapturedStep, CompiledLayers, Step
 
 
 class LanguageModel(Protocol):
     """What the runtime and the benchmark need of a model."""
 
     config: object
-    compilable: bool  # whether decode_step may go under torch.compile (ours: yes; the peer: no)
+    compilable: bool  # whether decode_step takes compiled layers (ours: yes; the peer: no)
 
     @property
     def dtype(self) -> torch.dtype: ...
@@ -43,8 +43,8 @@ class LanguageModel(Protocol):
     def kv_decode_bytes(self, batch_size: int, max_len: int) -> int: ...
 
     def new_cache(self, batch_size: int, max_len: int):
-        """A cache for batch_size sequences of up to max_len tokens, with nbytes(), buffers(),
-        reset() (ready for the next prompt) and mark_static()."""
+        """A cache for batch_size sequences of up to max_len tokens, with nbytes(), buffers() and
+        reset() (ready for the next prompt)."""
 
     def prefill(self, input_ids: torch.Tensor, cache, chunk_size: int | None = None) -> torch.Tensor:
         """The prompt [B, S] into the cache, in chunks of chunk_size tokens (None: the model's
@@ -114,45 +114,43 @@ def attention_kernels(device: torch.device):
 class Engine:
     """Runs one model: caches, prefill, the decode loop (eager or compiled) and generate.
 
-    compile=True puts the model's decode_step under torch.compile (fullgraph: a graph break is an
-    error, not a slow path), with CUDA graphs on a GPU when the backend is inductor. The compiler's
-    caches are reset when an engine first compiles: dynamo keys them on the code of decode_step,
-    which every model instance shares, so a long sweep in one process would otherwise pile entries
-    up to the recompile limit and fail. Caches are marked static as they are allocated, so the CUDA
-    graphs read and write them in place.
+    compile=True decodes with the model's layers compiled (CompiledLayers, on `backend`) and, on a
+    GPU, the whole step captured as one CUDA graph (CapturedStep). The compiler's caches are reset
+    when an engine first compiles: dynamo keys them on the code of the layer functions, which
+    every model instance shares, so a long sweep in one process would otherwise pile entries up to
+    the recompile limit and fail.
     """
 
-    def __init__(self, model: LanguageModel, compile: bool = False, backend: str = "inductor"):
+    def __init__(self, model: LanguageModel, compile: bool = False, backend: str = "inductor",
+                 whole_step: bool = False):
         if compile and not model.compilable:
             raise ValueError(f"compile: {type(model).__name__} has no decode step to compile; allowed: false")
         self.model, self.compile, self.backend = model, compile, backend
+        # whole_step: decode_step compiled as one graph, which unrolls loops x layers copies of the
+        # layer (its compile time grows with depth): kept only to measure what the layer functions save.
+        self.whole_step = whole_step
         self._compiled: Step | None = None
 
-    @property
-    def mode(self) -> str | None:
-        """torch.compile's mode: CUDA graphs ("reduce-overhead") for inductor on a GPU."""
-        return "reduce-overhead" if self.model.device.type == "cuda" and self.backend == "inductor" else None
-
     def new_cache(self, batch_size: int, max_len: int):
-        cache = self.model.new_cache(batch_size, max_len)
-        return cache.mark_static() if self.compile else cache
+        return self.model.new_cache(batch_size, max_len)
 
     def prefill(self, prompt: torch.Tensor, cache, chunk_size: int | None = None) -> torch.Tensor:
         with attention_kernels(self.model.device):
             return self.model.prefill(prompt, cache, chunk_size)
 
     def compiled_step(self) -> Step:
-        """The compiled decode step, made on first use (it compiles at its first call)."""
+        """The compiled decode step, made on first use (its layers compile at its first call)."""
         if self._compiled is None:
             torch.compiler.reset()
-            compiled = torch.compile(self.model.decode_step, mode=self.mode, backend=self.backend,
-                                     fullgraph=True, dynamic=False)
+            layers = CompiledLayers(self.backend, self.model.device)
 
             def step(token, cache, pos):
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be reused now
-                return compiled(token, cache, pos)
+                return self.model.decode_step(token, cache, pos, layers)
 
-            self._compiled = step
+            if self.whole_step:
+                step = torch.compile(self.model.decode_step, backend=self.backend, fullgraph=True, dynamic=False)
+
+            self._compiled = CapturedStep(step) if self.model.device.type == "cuda" else step
         return self._compiled
 
     def decode(self, logits: torch.Tensor, cache, start_pos: int, steps: int, *, eager: bool = False,
@@ -188,6 +186,7 @@ class Timings:
     prefill_s: list[float] = field(default_factory=list)        # one per repeat
     decode_steps_per_s: list[float] = field(default_factory=list)  # one per repeat that decoded
     step_s: list[float] = field(default_factory=list)           # all repeats' steps
+    compile_s: float | None = None  # with compile: the first compiled step (compiles; on a GPU, captures)
 
 
 class Scenario:
@@ -233,13 +232,17 @@ class Scenario:
 
     def time(self, repeats: int) -> Timings:
         """`repeats` runs, each on the cache made ready for a new prompt. With compile, the decode
-        step is compiled first, in an untimed run. Prefill: one interval per repeat. Decode: the
-        intervals between consecutive steps, so what runs before the first step (the peer's
-        generate set-up) is never timed."""
-        if self.engine.compile and self.decodes:
-            self.cache.reset()
-            self.decode(self.prefill())
+        step is compiled first, its first call timed apart (compile_s). Prefill: one interval per
+        repeat. Decode: the intervals between consecutive steps, so what runs before the first step
+        (the peer's generate set-up) is never timed."""
         timings = Timings()
+        if self.engine.compile and self.new_tokens > 0 and self.continuation is None:
+            self.cache.reset()
+            logits = self.prefill()
+            timer = StepTimer(self.engine.model.device)
+            timer.mark()
+            self.engine.decode(logits, self.cache, self.prompt.shape[1], 1, timer=timer)
+            timings.compile_s = timer.intervals()[0]
         for _ in range(repeats):
             self.cache.reset()
             timer = StepTimer(self.engine.model.device)

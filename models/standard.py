@@ -9,7 +9,7 @@ import torch
 
 from .cache import KVCache
 from .causal_lm import CausalLM
-from .layers import Positions
+from .layers import EAGER, Eager, Positions, decoder_layer
 
 
 class StandardLM(CausalLM):
@@ -20,7 +20,8 @@ class StandardLM(CausalLM):
     def num_cache_slots(self) -> int:
         return self.config.num_hidden_layers
 
-    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool) -> torch.Tensor:
+    def run_positions(self, x: torch.Tensor, cache: KVCache | None, pos: Positions, last_only: bool,
+                      apply: Eager = EAGER) -> torch.Tensor:
         for layer_idx, layer in enumerate(self.model.layers):
-            x = layer(x, pos, cache, slot=layer_idx)
+            x = apply(decoder_layer, layer, x, pos, self.slot(cache, layer_idx))
         return self.model.norm(x[:, -1:] if last_only else x)

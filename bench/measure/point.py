@@ -189,6 +189,8 @@ def _speed(p: BenchConfig, model, timings: Timings, limits: dict) -> dict:
         speed.update(_spread("decode_tokens_per_s", [p.batch * r for r in timings.decode_steps_per_s]),
                      token_latency_ms_p50=float(np.percentile(timings.step_s, 50)) * 1e3,
                      token_latency_ms_p90=float(np.percentile(timings.step_s, 90)) * 1e3)
+    if timings.compile_s is not None:
+        speed["compile_s"] = timings.compile_s
     speed.update(speed_columns(model, p, float(np.median(timings.prefill_s)), steps_per_s,
                                limits.get("copy_bytes_per_s"), limits.get("matmul_flops_per_s")))
     return speed

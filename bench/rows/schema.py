@@ -36,7 +36,7 @@ PREDICTED = ["predicted_kv_bytes", "predicted_prefill_bytes", "predicted_decode_
 # Speed: medians over the repeats, and their range (_min, _max).
 SPEED = ["prefill_tokens_per_s", "prefill_tokens_per_s_min", "prefill_tokens_per_s_max",
          "decode_tokens_per_s", "decode_tokens_per_s_min", "decode_tokens_per_s_max",
-         "token_latency_ms_p50", "token_latency_ms_p90", "bandwidth_utilization"]
+         "token_latency_ms_p50", "token_latency_ms_p90", "bandwidth_utilization", "compile_s"]
 # Against the machine's measured limits (bench/measure/roofline.py): weights | kv | compute.
 SPEED += ["decode_bound", "prefill_utilization", "prefill_bound"]
 # scenario=score: the text's teacher-forced likelihood through the point's cache path (nats).

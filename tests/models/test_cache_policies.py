@@ -11,6 +11,7 @@ from bench.config import BenchConfig, resolve
 from bench.measure.point import measure
 from models import build_model
 from models.cache_policies import POLICIES
+from models.layers import Attention
 from test_models import TOL, SpecOps, tokens
 
 
@@ -176,13 +177,12 @@ def test_first_writes_skips_later_loops_kv_and_that_changes_nothing(dtype, monke
     float64 reference computes every loop's K/V)."""
     model = _ouro("first_writes", dtype=dtype)
     calls = []
-    k_proj = type(model.model.layers[0].self_attn.k_proj).forward
-    monkeypatch.setattr(type(model.model.layers[0].self_attn.k_proj), "forward",
-                        lambda self, x: calls.append(self) or k_proj(self, x))
+    keys_values = Attention.keys_values
+    monkeypatch.setattr(Attention, "keys_values", lambda self, x, pos: calls.append(self) or keys_values(self, x, pos))
     ids = tokens(6, batch=2, length=14)
     cached_logits(model, ids, 10, 4)
-    k_projs = {id(layer.self_attn.k_proj) for layer in model.model.layers}
-    assert sum(id(m) in k_projs for m in calls) == 2 * (3 + 4)  # 2 layers x (3 chunks + 4 decoded tokens) x loop 0
+    attentions = {id(layer.self_attn) for layer in model.model.layers}
+    assert sum(id(m) in attentions for m in calls) == 2 * (3 + 4)  # 2 layers x (3 chunks + 4 decoded tokens) x loop 0
     if dtype == torch.float32:
         torch.testing.assert_close(cached_logits(model, ids, 10, 4).double(), policy_reference(model, ids, 10, 4),
                                    **TOL[torch.float64])

@@ -1,13 +1,18 @@
-"""The fast decode path: the static-shape step equals the checked forward path, torch.compile
-captures it whole and gives the same logits, and MELT's fused gate is the paper's two matrices."""
+"""The fast decode path: the static-shape step equals the checked forward path; its compiled
+layers give the same logits, each compiled once whatever the depth; the captured step (one CUDA
+graph) replays it; fused projections load the checkpoints' separate matrices; MELT's fused gate is
+the paper's two matrices."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import build_model
 from models.melt import LatentGate
+from models.layers import attend, attend_one
+from models.compiled import CapturedStep
 from models.runtime import Engine
 
 from test_models import TOL, tokens
@@ -37,7 +42,7 @@ CASES = [("standard", {}), ("ouro", {}), ("ouro", dict(kv_sharing="last_loop")),
 def _decode(model, ids, prompt_len, step):
     """Prefill ids[:, :prompt_len] through forward, then `step` for every later token (fed the
     true next token, so two paths see the same inputs) -> logits of the decoded positions."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1]).mark_static()  # a no-op for eager code
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
     model(ids[:, :prompt_len], cache=cache)
     pos = torch.tensor([prompt_len])
     out = []
@@ -58,32 +63,154 @@ def test_decode_step_equals_forward(name, options):
     torch.testing.assert_close(_decode(model, ids, 5, model.decode_step), expected, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("name, options", CASES)
-def test_compiled_step_captures_whole_and_matches_eager(name, options):
-    """fullgraph=True: a graph break (data-dependent Python, .item()) fails here. aot_eager traces
-    the step as inductor does, without its slow C++ build."""
+# Every looped design, and how many distinct layer applications its step has (so how many graphs
+# its compiled layers make), counted from its description, not from the code: one per kind of
+# (layer, loop) application, none per layer, loop or position.
+DESIGNS = [
+    ("standard", {}, 1),
+    ("ouro", {}, 1),                                                 # per-loop slots: one layer kind
+    ("ouro", dict(kv_sharing="last_loop"), 1),                       # after the merge: one slot per layer
+    ("ouro", dict(kv_sharing="first_loop"), 1),                      # keeps loop 0's rows: copies outside the layer
+    ("ouro", dict(kv_sharing="mean_loops"), 1),
+    ("ouro", dict(kv_sharing="ring", kv_ring=2), 1),
+    ("ouro", dict(kv_sharing="anchor", kv_anchor=1, kv_ring=2), 1),
+    ("ouro", dict(kv_sharing="first_writes"), 2),                    # loop 0 writes, later loops only read
+    ("ouro", dict(exit_policy="threshold", exit_threshold=0.5), 1),  # the exit gate runs outside the layers
+    ("melt", dict(chunk_size=4), 3),                                 # loop 0 (no h_prev), middle, last (h not kept)
+    ("melt", dict(cache_update="mean"), 3),                          # the loop index is a tensor: no graph per loop
+    ("melt", dict(init_latent="zero"), 3),
+    ("loopcoder", dict(kv_window=3), 2),                             # loop 0; the gated window loops
+]
+
+
+def _graphs_and_logits(name: str, options: dict, loops: int, backend: str = "aot_eager"):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _model(name, **options)
+    model = _model(name, loops=loops, **options)
     ids = tokens(1, batch=2, length=12)
     eager = _decode(model, ids, 5, model.decode_step)
-    compiled = Engine(model, compile=True, backend="aot_eager").compiled_step()
-    torch.testing.assert_close(_decode(model, ids, 5, compiled), eager, **TOL[torch.float32])
-    # one graph for all 7 steps: the position is a tensor, so no step recompiles
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    compiled = _decode(model, ids, 5, Engine(model, compile=True, backend=backend).compiled_step())
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"], compiled, eager
 
 
-@pytest.mark.slow  # a cold inductor compile takes ~30 s on 2 cores
-def test_inductor_compiled_step_matches_eager():
-    """The real compiler (inductor: C++ kernels on CPU), on one model (a cold compile takes tens of
-    seconds on 2 cores; the aot_eager test above covers every model's capture)."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model = _model("standard")
-    ids = tokens(2, batch=1, length=8)
-    eager = _decode(model, ids, 6, model.decode_step)
-    compiled = _decode(model, ids, 6, Engine(model, compile=True).compiled_step())
+@pytest.mark.parametrize("name, options, kinds", DESIGNS)
+def test_compiled_layers_match_eager_and_compile_once_at_any_depth(name, options, kinds):
+    """fullgraph=True: a graph break (data-dependent Python, .item()) fails here. aot_eager traces
+    as inductor does, without its slow C++ build. 7 decoded steps at 3 and at 6 loops: the same
+    number of graphs, one per kind of layer application."""
+    for loops in (3, 6):
+        graphs, compiled, eager = _graphs_and_logits(name, options, loops)
+        torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
+        assert graphs == kinds, (loops, graphs)
+
+
+@pytest.mark.slow  # a cold inductor compile takes ~20 s on 2 cores
+def test_inductor_compiled_layers_match_eager():
+    """The real compiler (inductor: C++ kernels on CPU), with the decode attention and the fused
+    projections it alone takes (models.layers.attend_one, Attention.fused_qkv), on MELT (its three
+    graphs: loop 0, middle, last; the aot_eager test above covers every design's capture)."""
+    graphs, compiled, eager = _graphs_and_logits("melt", dict(chunk_size=4), 3, backend="inductor")
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
+    assert graphs == 3
+
+
+def test_decode_attention_for_the_compiler_equals_sdpa():
+    """attend_one (what a compiled step's attention is) against SDPA's masked attention, grouped
+    and not, with rows past the position masked; compiled with aot_eager, so is_compiling() holds."""
+    torch.manual_seed(0)
+    for heads, kv_heads in ((4, 2), (4, 4)):
+        q, k, v = torch.randn(2, heads, 1, 8), torch.randn(2, kv_heads, 10, 8), torch.randn(2, kv_heads, 10, 8)
+        mask = torch.arange(10)[None, :] <= 6
+        expected = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 1),
+                                                  v.repeat_interleave(heads // kv_heads, 1), attn_mask=mask)
+        torch.testing.assert_close(attend_one(q, k, v, mask), expected)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v, mask), expected)
+
+
+# -- the captured step: everything but the CUDA capture itself, on CPU --------------------------------
+
+class ReplayByRerun(CapturedStep):
+    """CapturedStep with the capture replaced: 'replaying' re-runs the step on the static buffers,
+    which is what a CUDA graph of it does."""
+
+    @staticmethod
+    def record(run):
+        out = [run()]
+        return (lambda: out.__setitem__(0, run())), _Latest(out)
+
+
+class _Latest:
+    """Stands for the graph's output buffer: whatever the last replay wrote."""
+
+    def __init__(self, box):
+        self.box = box
+
+    def __getattr__(self, name):
+        return getattr(self.box[0], name)
+
+
+@pytest.mark.parametrize("name, options", [("ouro", dict(kv_sharing="mean_loops")), ("melt", {}),
+                                           ("loopcoder", dict(kv_window=3))])
+def test_a_decode_step_run_twice_at_one_position_changes_nothing(name, options):
+    """What capturing relies on: its warm-up runs the step at the real token and position before
+    the replay runs it again. The second run must give the same logits and leave the same cache."""
+    model = _model(name, **options)
+    ids = tokens(3, batch=2, length=9)
+    once, twice = model.new_cache(2, 9), model.new_cache(2, 9)
+    for cache in (once, twice):
+        model(ids[:, :6], cache=cache)
+    pos = torch.tensor([6])
+    expected = model.decode_step(ids[:, 6:7], once, pos)
+    model.decode_step(ids[:, 6:7], twice, pos)
+    torch.testing.assert_close(model.decode_step(ids[:, 6:7], twice, pos), expected, rtol=0, atol=0)
+    for a, b in zip(once.buffers(), twice.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_the_captured_step_replays_with_static_inputs_and_recaptures_on_a_new_cache():
+    model = _model("ouro", kv_sharing="last_loop")
+    ids = tokens(4, batch=2, length=12)
+    step = ReplayByRerun(model.decode_step)
+    eager = _decode(model, ids, 5, model.decode_step)
+    assert step.captures == 0
+    torch.testing.assert_close(_decode(model, ids, 5, step), eager, rtol=0, atol=0)
+    assert step.captures == 1                     # 7 steps, one capture: token and position are copied in
+    torch.testing.assert_close(_decode(model, ids, 5, step), eager, rtol=0, atol=0)
+    assert step.captures == 2                     # a new cache: new addresses, so a new capture
+    cache = model.new_cache(2, 12)
+    for repeat in range(2):                       # a timed repeat: reset, prefill, decode on the same cache
+        cache.reset()
+        model(ids[:, :5], cache=cache)
+        step(ids[:, 5:6], cache, torch.tensor([5]))
+    assert step.captures == 3                     # the merged slots keep their addresses across reset()
+
+
+def test_the_engine_captures_on_cuda_only():
+    model = _model("standard")
+    step = Engine(model, compile=True, backend="aot_eager").compiled_step()
+    assert not isinstance(step, CapturedStep)     # on CPU the compiled layers run as they are
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_of_the_whole_step_equals_eager():
+    """On a GPU: the step is one CUDA graph over inductor's kernels, for a looped design with
+    every kind of layer application (MELT), and its greedy tokens are the eager step's."""
+    torch._dynamo.reset()
+    model = _model("melt", chunk_size=4).cuda()
+    ids = tokens(5, batch=2, length=12).cuda()
+    engine = Engine(model, compile=True)
+    step = engine.compiled_step()
+    assert isinstance(step, CapturedStep)
+    eager = _decode(model, ids, 5, model.decode_step)
+    torch.testing.assert_close(_decode(model, ids, 5, step), eager, **TOL[torch.float32])
+    assert step.captures == 1
+    cache = engine.new_cache(2, 12)
+    logits = engine.prefill(ids[:, :5], cache)
+    compiled = engine.decode(logits, cache, 5, 6)
+    cache.reset()
+    logits = engine.prefill(ids[:, :5], cache)
+    assert torch.equal(engine.decode(logits, cache, 5, 6, eager=True), compiled)
 
 
 def test_generate_uses_the_fast_step():
