@@ -150,42 +150,53 @@ def test_capacity_when_not_even_one_sequence_fits(tmp_path):
 
 
 # -- scripts/gpu_check.sh, in its CPU smoke mode ----------------------------------------------------
-@pytest.mark.slow  # nine run_bench.py launches
+@pytest.mark.slow  # the default steps' ten run_bench.py launches, five side by side: about a minute on 2 cores
 def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
-    """The GPU check's steps (sweeps, copies to the reference folder, environment) on CPU at size
-    tiny: the logic a GPU run depends on, minus the GPU. memory_vs_seq_len is there for the
-    estimates step (fake probe and memory model against the measured peaks); memory_vs_depth goes
-    through the same loop and is left out to save time."""
-    import subprocess
-
+    """The GPU check's default steps (sweeps side by side, then the timed ones, copies to the
+    reference folder, environment) on CPU at size tiny: the logic a GPU run depends on, minus the
+    GPU. Every default step leaves its results: a table per sweep step, the snapshot's row, the
+    estimates' comparison."""
     import pandas as pd
+    from omegaconf import OmegaConf
 
     from conftest import ROOT
 
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600,
-                         env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path),
-                              "GPU_CHECK_ONLY": "memory_vs_seq_len decode_speed capacity estimates"})
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _gpu_check(tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ref = tmp_path / "reference"
-    for experiment in ("decode_speed", "capacity"):
-        table = pd.read_csv(ref / experiment / "table.csv")
-        assert len(table) and (table.status.isin(["ok", "oom"])).all(), experiment
-        assert (ref / experiment / "report.md").exists()
-    decode = pd.read_csv(ref / "decode_speed" / "table.csv").set_index("model")
+    for step in ("memory_vs_seq_len", "policies", "decode_compiled", "capacity"):
+        table = pd.read_csv(ref / step / "table.csv")
+        assert len(table) and (table.status.isin(["ok", "oom"])).all(), step
+        assert (ref / step / "report.md").exists() and list((ref / step).glob("multirun*.yaml")), step
+    memory = pd.read_csv(ref / "memory_vs_seq_len" / "table.csv")
+    assert set(memory.model) == {"standard", "ouro", "melt"}  # its two sweeps, side by side
+    assert {p.name for p in (ref / "memory_vs_seq_len").glob("multirun*.yaml")} == {"multirun.1.yaml", "multirun.2.yaml"}
+    designs = OmegaConf.load(ROOT / "conf" / "experiment" / "policies.yaml").hydra.sweeper.params.policy
+    assert set(pd.read_csv(ref / "policies" / "table.csv").policy) == set(designs.split(","))
+    decode = pd.read_csv(ref / "decode_compiled" / "table.csv").set_index("model")
     assert set(decode.index) == {"standard", "ouro", "melt", "hf_llama"}
-    assert decode.bandwidth_utilization.gt(0).all() and decode.decode_bound.notna().all()
-    assert "standard / hf_llama" in (ref / "decode_speed" / "report.md").read_text()
+    assert decode.compile.to_dict() == {"standard": True, "ouro": True, "melt": True, "hf_llama": False}
+    assert set(decode.compile_backend.drop("hf_llama")) == {"aot_eager"}  # no inductor build on a CPU
+    assert decode.timing_status.eq("ok").all() and decode.bandwidth_utilization.gt(0).all()
+    assert decode.decode_bound.notna().all()
+    assert "standard / hf_llama" in (ref / "decode_compiled" / "report.md").read_text()
     capacity = pd.read_csv(ref / "capacity" / "table.csv")
     finals = capacity[capacity.capacity_max_batch.notna()].set_index("model")
-    assert set(finals.index) == {"ouro", "melt"}  # the smoke run searches these two only
+    assert set(finals.index) == {"standard", "ouro", "melt"}
     assert (capacity.status == "oom").any()  # the search's OOM trials are rows
     assert finals.capacity_max_batch["melt"] > finals.capacity_max_batch["ouro"] >= 1
+    assert finals.decode_tokens_per_s.gt(0).all()  # the throughput at each model's largest batch
     assert (ref / "capacity" / "capacity.png").stat().st_size > 0
-    assert "GPU_CHECK_SMOKE=1" in (ref / "environment.txt").read_text()
+    assert (tmp_path / "snapshot" / "result.json").exists() and (ref / "snapshot" / "result.json").exists()
     estimates = pd.read_csv(ref / "estimates" / "estimate_vs_cuda.csv")
     assert set(estimates.model) == {"standard", "ouro", "melt"} and set(estimates.phase) == {"prefill", "decode"}
     assert estimates["fake error %"].abs().max() <= 1 and estimates["predicted error %"].abs().max() <= 1
+    environment = (ref / "environment.txt").read_text()
+    assert "GPU_CHECK_SMOKE=1" in environment
+    sweeps = dict(line.strip().split(" ", 1) for line in environment.splitlines() if line.startswith("  "))
+    assert list(sweeps) == ["memory_vs_seq_len.1", "memory_vs_seq_len.2", "policies", "snapshot", "estimates_fake",
+                            "decode_compiled.1", "decode_compiled.2", "capacity"]  # each sweep's time, in order
+    assert all(v.endswith(" s, exit 0") for v in sweeps.values()), sweeps
 
 
 def test_a_reset_cache_decodes_a_new_prompt_as_a_fresh_cache_does():
@@ -235,29 +246,86 @@ def test_capacity_report_of_an_untimed_search(tmp_path):
     assert (tmp_path / CAPACITY_PLOT).stat().st_size > 0
 
 
-def _gpu_check(tmp_path, **env):
+def _gpu_check(tmp_path, timeout=120, **env):
+    """scripts/gpu_check.sh in smoke mode (unless env says otherwise) with this interpreter."""
     import subprocess
+    import sys
 
     from conftest import ROOT
 
     return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120,
-                          env={**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_OUT": str(tmp_path), **env})
+                          text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SMOKE": "1",
+                               "GPU_CHECK_OUT": str(tmp_path), **env})
 
 
 def test_gpu_check_step_limit_moves_on_and_records_the_limit(tmp_path):
-    """A step stopped by GPU_CHECK_STEP_S (here before its first point: 1 s is less than Python's
+    """A sweep stopped by GPU_CHECK_STEP_S (here before its first point: 1 s is less than Python's
     start-up) is reported and the check goes on to the next step and its environment file: on a
     GPU lease, one slow step must not cost the others."""
     run = _gpu_check(tmp_path, GPU_CHECK_ONLY="memory_vs_seq_len snapshot", GPU_CHECK_STEP_S="1")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "gpu_check: memory_vs_seq_len stopped after GPU_CHECK_STEP_S=1 s" in run.stdout
+    for sweep in ("memory_vs_seq_len.1", "memory_vs_seq_len.2"):  # its two sweeps, side by side
+        assert f"gpu_check: {sweep} stopped after GPU_CHECK_STEP_S=1 s" in run.stdout
     assert "gpu_check: memory_vs_seq_len measured no point" in run.stdout
     assert "gpu_check: snapshot stopped or failed (exit 124)" in run.stdout
-    assert "(GPU_CHECK_STEP_S=1)" in (tmp_path / "reference" / "environment.txt").read_text()
+    environment = (tmp_path / "reference" / "environment.txt").read_text()
+    assert "(GPU_CHECK_STEP_S=1)" in environment and "  memory_vs_seq_len.1 " in environment
+    assert environment.count(", exit 124") == 3
 
 
-def test_gpu_check_names_the_steps_it_has(tmp_path):
-    run = _gpu_check(tmp_path, GPU_CHECK_ONLY="memory_vs_seq_len decode_fast")
+@pytest.mark.parametrize("smoke", ["1", "0"])
+def test_gpu_check_names_the_steps_it_has(tmp_path, smoke):
+    """An unknown step name stops the check before any work: one line, nothing written, and on
+    the GPU path not even the GPU's name asked for (PYTHON=false would fail it)."""
+    python = {} if smoke == "1" else {"PYTHON": "false"}
+    run = _gpu_check(tmp_path / "out", GPU_CHECK_SMOKE=smoke, GPU_CHECK_ONLY="memory_vs_seq_len decode_fast", **python)
     assert run.returncode == 2
-    assert "no step 'decode_fast'; allowed:" in run.stderr and "decode_compiled" in run.stderr
+    assert run.stderr.startswith("gpu_check: no step 'decode_fast'; allowed:") and run.stderr.count("\n") == 1
+    assert "decode_compiled" in run.stderr and "capacity" in run.stderr
+    assert run.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_gpu_sweeps_resolve_for_a_gpu(tmp_path):
+    """GPU_CHECK_DRY=1 prints the GPU run's command lines, in the order they run, without a GPU;
+    each point composes and resolves as on a GPU node (hydra/launcher=slurm checks a point for the
+    GPU it will get), so a bad override fails here, not on a device lease."""
+    import shlex
+
+    from bench.config import register
+    from bench.sweep.preflight import CONF, expand
+
+    register()  # the schema the configs build on, as run_bench.py does
+    run = _gpu_check(tmp_path, GPU_CHECK_SMOKE="0", GPU_CHECK_DRY="1")
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    assert list(lines) == ["memory_vs_seq_len.1", "memory_vs_seq_len.2", "policies", "snapshot", "estimates_fake",
+                           "decode_compiled", "capacity"]
+    assert not (tmp_path / "reference").exists()
+    points = {}
+    for label, line in lines.items():
+        argv = shlex.split(line)
+        assert argv[0] == "run_bench.py"
+        overrides = [a for a in argv[1:] if a != "-m"]  # one point without -m: a sweep of one
+        points[label] = expand(overrides + ["hydra/launcher=slurm"], True, CONF, "config")
+    on_gpu = [p for label, ps in points.items() if label != "estimates_fake" for p in ps]
+    assert {(p.device, p.probe, p.size, p.dtype) for p in on_gpu} == {("cuda", "cuda", "ouro-1.4b", "bfloat16")}
+    memory = points["memory_vs_seq_len.1"] + points["memory_vs_seq_len.2"]
+    assert sorted((p.model, p.seq_len) for p in memory) == sorted(
+        (m, s) for m in ("standard", "ouro", "melt") for s in (4096, 16384, 32768))
+    assert {(p.loops, p.batch, p.repeats) for p in memory if p.model != "standard"} == {(4, 1, 0)}
+    fake = points["estimates_fake"]
+    assert {(p.device, p.probe) for p in fake} == {("cpu", "fake")}
+    assert sorted((p.model, p.seq_len) for p in fake) == sorted((p.model, p.seq_len) for p in memory)
+    assert len(points["policies"]) == 10
+    assert {(p.seq_len, p.loops, p.repeats) for p in points["policies"] if p.model != "standard"} == {(4096, 4, 0)}
+    (snapshot,) = points["snapshot"]
+    assert (snapshot.model, snapshot.profile, snapshot.seq_len, snapshot.loops) == ("melt", "snapshot", 4096, 4)
+    decode = {p.model: p for p in points["decode_compiled"]}
+    assert {m: (p.compile, p.seq_len, p.batch) for m, p in decode.items()} == {
+        "standard": (True, 4096, 1), "ouro": (True, 4096, 1), "melt": (True, 4096, 1), "hf_llama": (False, 4096, 1)}
+    assert decode["ouro"].loops == decode["melt"].loops == 4 and decode["ouro"].compile_backend == "inductor"
+    capacity = {p.model: p for p in points["capacity"]}
+    assert set(capacity) == {"standard", "ouro", "melt"}
+    assert {(p.capacity, p.seq_len, p.budget_gb, p.compile) for p in capacity.values()} == {(True, 32768, 32, False)}
+    assert capacity["ouro"].loops == capacity["melt"].loops == 4
