@@ -29,6 +29,8 @@ class CompiledLayers(Eager):
     change with depth. So compile time does not grow with loops x layers, as it does when the whole
     unrolled step is one graph."""
 
+    frees_early = False  # e.g. MELT's last loop keeps its latent [B, 1, d]: no graph of its own
+
     def __init__(self, backend: str, device: torch.device):
         self.backend, self.device = backend, device
         self.compiled: dict[Callable, Callable] = {}

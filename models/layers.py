@@ -190,10 +190,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     MB per layer per step). With a mask, the G query heads of a group ride along the query axis
     instead: q becomes [B, Hkv, G * S, D] (row g * S + s is head kv * G + g, token s) against the
     unrepeated K/V, and the mask [S, L] is stacked G times (the decode step's [1, L] broadcasts).
-    Under torch.compile a single query takes attend_one (decode attention the compiler fuses)."""
+    On a GPU under torch.compile, a single query takes attend_one (decode attention the compiler
+    fuses); on a CPU, SDPA's own kernel is the faster (docs/speed.md)."""
     B, H, S, D = q.shape
     groups = H // k.shape[1]
-    if S == 1 and mask is not None and torch.compiler.is_compiling():
+    if S == 1 and mask is not None and q.is_cuda and torch.compiler.is_compiling():
         return attend_one(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=groups > 1)
@@ -287,9 +288,13 @@ class Eager:
     """How a model's loop runs one layer application: `apply(fn, *args)`, where fn is a function
     of a layer (and its gate) and tensors, at module level in the model's file. This one calls fn
     as it is (prefill, the memory pass, the eager decode step); the compiled decode step passes
-    models.runtime.CompiledLayers, which compiles each fn once and reuses it for every layer and
+    models.compiled.CompiledLayers, which compiles each fn once and reuses it for every layer and
     loop. loop(t) is loop t's index as fn should receive it: here the int, there a tensor, so that
-    nothing a compiled fn sees changes from one loop to the next."""
+    nothing a compiled fn sees changes from one loop to the next. frees_early: whether fn must let
+    go of a tensor the moment it is no longer needed (here, since the memory pass measures every
+    byte; a compiled step may keep a small one a layer longer if that spares it a graph)."""
+
+    frees_early = True
 
     def __call__(self, fn, *args):
         return fn(*args)

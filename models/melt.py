@@ -127,11 +127,13 @@ class MeltLM(CausalLM):
         T = self.config.loops
         latents = [[None] for _ in self.model.layers]   # per layer: [h_prev [B, C, d]], or [None] at loop 0
         for loop in range(T):
+            # After the last loop no latent is read again: none is kept (with one loop MELT then
+            # holds exactly what the standard model holds), except by a compiled step, which then
+            # runs its later loops through one graph.
+            keep = loop < T - 1 or not apply.frees_early
             for layer_idx, layer in enumerate(self.model.layers):
-                # After the last loop no latent is read again: none is kept (with one loop MELT
-                # then holds exactly what the standard model holds).
                 x = apply(gated_layer, layer, self.model.latent_gates[layer_idx], x, latents[layer_idx],
-                          apply.loop(loop), pos, self.slot(cache, layer_idx), loop < T - 1)
+                          apply.loop(loop), pos, self.slot(cache, layer_idx), keep)
             x = self.model.norm(x[:, -1:] if last_only and loop == T - 1 else x)
         return x  # the latents die with the chunk
 

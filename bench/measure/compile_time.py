@@ -2,7 +2,7 @@
 
     python -m bench.measure.compile_time [--size small] [--layers 24] [--loops 1 4 16]
         [--designs standard ouro melt ...] [--context 256] [--steps 8] [--threads 1]
-        [--backend inductor] [--device cpu] [--whole-step] [--out FILE.csv]
+        [--backend inductor] [--device cpu] [--whole-step] [--timeout S] [--out FILE.csv]
 
 Each (design, loops) runs in a fresh process with an empty inductor cache, so every figure is a
 cold compile: a model at the size preset (its layer count set by --layers), random weights, a
@@ -71,14 +71,20 @@ def measure_one(design: str, loops: int, a: argparse.Namespace) -> dict:
             "threads": a.threads}
 
 
-def _in_fresh_process(design: str, loops: int, argv: list[str]) -> dict:
+def _in_fresh_process(design: str, loops: int, argv: list[str], a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="meltbench-inductor-") as cache_dir:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-        done = subprocess.run([sys.executable, "-m", "bench.measure.compile_time", *argv, "--one", design, str(loops)],
-                              env=env, capture_output=True, text=True)
+        try:
+            done = subprocess.run([sys.executable, "-m", "bench.measure.compile_time", *argv, "--one", design,
+                                   str(loops)], env=env, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            done = None
+    failed = {"design": design, "loops": loops, "layers": a.layers, "mode": "whole step" if a.whole_step else "layers",
+              "backend": a.backend}
+    if done is None:
+        return {**failed, "error": f"stopped after --timeout {a.timeout:g} s"}
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"design": design, "loops": loops, "error": tail}
+        return {**failed, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--whole-step", action="store_true")
+    parser.add_argument("--timeout", type=float, help="seconds a (design, depth) may take; past it, a row that says so")
     parser.add_argument("--out")
     parser.add_argument("--one", nargs=2, metavar=("DESIGN", "LOOPS"), help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else argv
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for design in a.designs:
         for loops in ([1] if design == "standard" else a.loops):
-            rows.append(_in_fresh_process(design, loops, passed))
+            rows.append(_in_fresh_process(design, loops, passed, a))
             print(f"compile_time: {design} loops {loops}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()
                                                                        if k in ("compile_s", "step_ms", "eager_ms", "graphs", "error")),
                   file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.melt import LatentGate
-from models.layers import attend, attend_one
+from models.layers import attend_one
 from models.compiled import CapturedStep
 from models.runtime import Engine
 
@@ -44,7 +44,7 @@ def _decode(model, ids, prompt_len, step):
     true next token, so two paths see the same inputs) -> logits of the decoded positions."""
     cache = model.new_cache(ids.shape[0], ids.shape[1])
     model(ids[:, :prompt_len], cache=cache)
-    pos = torch.tensor([prompt_len])
+    pos = torch.tensor([prompt_len], device=ids.device)
     out = []
     for i in range(prompt_len, ids.shape[1]):
         if step is None:  # the checked path: forward with an int start_pos
@@ -76,9 +76,9 @@ DESIGNS = [
     ("ouro", dict(kv_sharing="anchor", kv_anchor=1, kv_ring=2), 1),
     ("ouro", dict(kv_sharing="first_writes"), 2),                    # loop 0 writes, later loops only read
     ("ouro", dict(exit_policy="threshold", exit_threshold=0.5), 1),  # the exit gate runs outside the layers
-    ("melt", dict(chunk_size=4), 3),                                 # loop 0 (no h_prev), middle, last (h not kept)
-    ("melt", dict(cache_update="mean"), 3),                          # the loop index is a tensor: no graph per loop
-    ("melt", dict(init_latent="zero"), 3),
+    ("melt", dict(chunk_size=4), 2),                                 # loop 0 (no h_prev); the later loops
+    ("melt", dict(cache_update="mean"), 2),                          # the loop index is a tensor: no graph per loop
+    ("melt", dict(init_latent="zero"), 2),
     ("loopcoder", dict(kv_window=3), 2),                             # loop 0; the gated window loops
 ]
 
@@ -106,26 +106,31 @@ def test_compiled_layers_match_eager_and_compile_once_at_any_depth(name, options
 
 @pytest.mark.slow  # a cold inductor compile takes ~20 s on 2 cores
 def test_inductor_compiled_layers_match_eager():
-    """The real compiler (inductor: C++ kernels on CPU), with the decode attention and the fused
-    projections it alone takes (models.layers.attend_one, Attention.fused_qkv), on MELT (its three
-    graphs: loop 0, middle, last; the aot_eager test above covers every design's capture)."""
+    """The real compiler (inductor: C++ kernels on CPU), with the fused projections it alone takes
+    (Attention.fused_qkv, MLP.forward), on MELT (its two graphs: loop 0, the later loops; the
+    aot_eager test above covers every design's capture); and the GPU's decode attention, attend_one,
+    through inductor's kernels."""
     graphs, compiled, eager = _graphs_and_logits("melt", dict(chunk_size=4), 3, backend="inductor")
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
-    assert graphs == 3
+    assert graphs == 2
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    mask = torch.arange(40)[None, :] <= 30
+    torch.testing.assert_close(torch.compile(attend_one, fullgraph=True)(q, k, v, mask), attend_one(q, k, v, mask))
 
 
-def test_decode_attention_for_the_compiler_equals_sdpa():
-    """attend_one (what a compiled step's attention is) against SDPA's masked attention, grouped
-    and not, with rows past the position masked; compiled with aot_eager, so is_compiling() holds."""
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_decode_attention_for_the_compiler_equals_sdpa(backend):
+    """attend_one (a compiled step's attention on a GPU) against SDPA's masked attention, grouped
+    and not, with rows past the position masked: as written, and as the compiler traces it."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
+    run = attend_one if backend is None else torch.compile(attend_one, backend=backend, fullgraph=True)
     for heads, kv_heads in ((4, 2), (4, 4)):
         q, k, v = torch.randn(2, heads, 1, 8), torch.randn(2, kv_heads, 10, 8), torch.randn(2, kv_heads, 10, 8)
         mask = torch.arange(10)[None, :] <= 6
         expected = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 1),
                                                   v.repeat_interleave(heads // kv_heads, 1), attn_mask=mask)
-        torch.testing.assert_close(attend_one(q, k, v, mask), expected)
-        torch._dynamo.reset()
-        torch.testing.assert_close(torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v, mask), expected)
+        torch.testing.assert_close(run(q, k, v, mask), expected)
 
 
 # -- the captured step: everything but the CUDA capture itself, on CPU --------------------------------
