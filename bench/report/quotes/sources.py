@@ -120,6 +120,33 @@ def speed_capacity(root: Path) -> str:
                           rows)
 
 
+COMPILE_TIME = f"{SPEED}/compile_time"
+COMPILE_RUNS = ("whole_step_torch2.13.csv", "layers_torch2.13.csv", "layers_torch2.11.csv")
+
+
+def speed_compile_time(root: Path) -> str:
+    """Cold compile seconds of the decode step per design and depth: compiled as one graph, and as
+    layer functions (both torch versions), with the graphs and the compiled and eager step times."""
+    whole, layers, older = (read_csv(root / COMPILE_TIME / name).set_index(["design", "loops"]) for name in COMPILE_RUNS)
+
+    def cell(table: pd.DataFrame, key, column: str) -> str:
+        if key not in table.index:
+            return "not run"
+        row = table.loc[key]
+        if isinstance(row.get("error"), str):
+            return f"over {row.error.split()[-2]} s" if column == "compile_s" else ""
+        return f"{row[column]:.1f}"
+
+    rows = []
+    for key, row in layers.iterrows():
+        rows.append([key[0], str(key[1]), cell(whole, key, "compile_s"), cell(layers, key, "compile_s"),
+                     cell(older, key, "compile_s"), f"{row.graphs:.0f}", cell(whole, key, "step_ms"),
+                     f"{row.step_ms:.1f}", f"{row.eager_ms:.1f}"])
+    return markdown_table(["design", "loops", "compile s, one graph", "compile s, layer functions",
+                           "same, torch 2.11", "graphs", "step ms, one graph", "step ms, layer functions",
+                           "step ms, eager"], rows, left=1)
+
+
 def training_table(root: Path) -> str:
     """The post-training reference table (the columns of its table.md)."""
     df = read_csv(root / TRAINING / "table.csv")
@@ -193,6 +220,8 @@ QUOTES: dict[str, Quote] = {
     "speed.capacity": Quote((f"{SPEED}/capacity_1thread/table.csv",
                              f"{SPEED}/capacity_fake_ouro-1.4b_32k/table.csv"), speed_capacity,
                             table=True),
+    "speed.compile_time": Quote(tuple(f"{COMPILE_TIME}/{name}" for name in COMPILE_RUNS), speed_compile_time,
+                                table=True),
     "training.table": Quote((f"{TRAINING}/table.csv",), training_table, table=True),
     "training.melt_of_teacher": Quote((f"{TRAINING}/table.csv",),
                                       lambda root: f"{_training(root, 'accuracy_vs_teacher'):.3f}"),
