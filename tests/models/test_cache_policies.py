@@ -1,6 +1,7 @@
 """The LoopLM's cache policies (models/cache_policies.py) against cache-policies.md: an independent,
-token-by-token float64 reference of what each policy reads and stores, every identity of the
-spec's "Exactness" list, and the KV bytes of each policy's formula."""
+token-by-token float64 reference of what each policy reads and stores (its slot for every loop
+written out by hand below, never read from the code under test), every identity of the spec's
+"Exactness" list, and the KV bytes of each policy's formula."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from bench.config import BenchConfig, resolve
 from bench.measure.point import measure
 from models import build_model
-from models.cache_policies import POLICIES
 from models.layers import Attention
 from test_models import TOL, SpecOps, tokens
 
@@ -21,12 +21,49 @@ def _inference_mode():
         yield
 
 
+# Each setting as cache-policies.md describes it, written out by hand: for loop t = 0 .. T-1 the
+# slot group it reads and writes while the prompt goes in (loops sharing a number share the slot),
+# whether it writes its K/V, and how the groups become one when the prefill ends (decode then
+# reads and writes that one; None: decode uses the prefill's groups). ring (K): t mod K; anchor
+# (A, K): t < A its own, else A + (t - A) mod K; first_writes: loop 0 writes, later loops only read.
+Spec = tuple  # (policy, options, loops, groups by loop, writes by loop, merge)
+ALL, FIRST = (True,) * 5, (True, False, False, False, False)
+SPEC: list[Spec] = [
+    ("per_loop", {}, 3, (0, 1, 2), ALL, None),
+    ("last_loop", {}, 3, (0, 1, 2), ALL, "last"),
+    ("first_loop", {}, 3, (0, 1, 2), ALL, "first"),
+    ("mean_loops", {}, 3, (0, 1, 2), ALL, "mean"),
+    ("mean_loops", {}, 5, (0, 1, 2, 3, 4), ALL, "mean"),
+    ("ring", {"kv_ring": 1}, 3, (0, 0, 0), ALL, None),
+    ("ring", {"kv_ring": 2}, 3, (0, 1, 0), ALL, None),
+    ("ring", {"kv_ring": 2}, 5, (0, 1, 0, 1, 0), ALL, None),
+    ("ring", {"kv_ring": 3}, 5, (0, 1, 2, 0, 1), ALL, None),
+    ("anchor", {"kv_anchor": 1, "kv_ring": 1}, 3, (0, 1, 1), ALL, None),
+    ("anchor", {"kv_anchor": 1, "kv_ring": 2}, 3, (0, 1, 2), ALL, None),
+    ("anchor", {"kv_anchor": 1, "kv_ring": 2}, 5, (0, 1, 2, 1, 2), ALL, None),
+    ("anchor", {"kv_anchor": 2, "kv_ring": 2}, 5, (0, 1, 2, 3, 2), ALL, None),
+    ("anchor", {"kv_anchor": 2, "kv_ring": 1}, 5, (0, 1, 2, 2, 2), ALL, None),
+    ("first_writes", {}, 3, (0, 0, 0), FIRST, None),
+    ("first_writes", {}, 5, (0, 0, 0, 0, 0), FIRST, None),
+]
+SPEC_IDS = [f"{p}{''.join(f'-{k[3:]}{v}' for k, v in o.items())}-T{T}" for p, o, T, *_ in SPEC]
+
+
+def spec_of(model) -> Spec:
+    c = model.config
+    options = {k: getattr(c, k) for k in ("kv_ring", "kv_anchor") if k in {o for _, opts, *_ in SPEC for o in opts}}
+    for spec in SPEC:
+        if spec[0] == c.kv_sharing and spec[2] == c.loops and all(options[k] == v for k, v in spec[1].items()):
+            return spec
+    raise LookupError(f"no hand-written spec for {c.kv_sharing} at {c.loops} loops, {options}")
+
+
 def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int | None = None) -> torch.Tensor:
     """Logits of every position, the slow and obvious way in float64: the prompt in chunks (every
     loop of a chunk, then the next), then one token at a time, each (loop, layer) reading and
-    writing the K/V store its policy names (cache-policies.md), from the model's weights."""
+    writing the K/V store its setting in SPEC names, from the model's weights."""
     c = model.config
-    policy = POLICIES[c.kv_sharing]
+    _, _, _, groups_by_loop, writes_by_loop, merge = spec_of(model)
     ops = SpecOps(model)
     N, T, H, Hkv, D = c.num_hidden_layers, c.loops, ops.H, ops.Hkv, ops.D
     W, lin, norm, rope = ops.W, ops.lin, ops.norm, ops.rope
@@ -41,7 +78,7 @@ def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int 
             x = {i: W["model.embed_tokens.weight"][row[i]] for i in block}
             own: dict = {}                         # (layer, i) -> [(k, v) of each loop]
             for t in range(T):
-                group = 0 if decoding and policy.merge else policy.group(t, c.kv_ring, c.kv_anchor)
+                group = 0 if decoding and merge else groups_by_loop[t]
                 for l in range(N):
                     p = f"model.layers.{l}"
                     u = {i: norm(x[i], f"{p}.input_layernorm") for i in block}
@@ -49,7 +86,7 @@ def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int 
                         kv = (rope(lin(u[i], f"{p}.self_attn.k_proj").view(Hkv, D), i),
                               lin(u[i], f"{p}.self_attn.v_proj").view(Hkv, D))
                         own.setdefault((l, i), []).append(kv)
-                        if policy.writes(t):
+                        if writes_by_loop[t]:
                             store.setdefault((group, l), {})[i] = kv
                     for i in block:
                         rows = [store[(group, l)][j] for j in range(i + 1)]
@@ -59,9 +96,9 @@ def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int 
                     for i in block:
                         x[i] = ops.mlp_block(x[i], p)
                 x = {i: norm(x[i], "model.norm") for i in block}
-            if decoding and policy.merge in ("first", "mean"):   # what a decoded token's row keeps
+            if decoding and merge in ("first", "mean"):   # what a decoded token's row keeps
                 for (l, i), kvs in own.items():
-                    store[(0, l)][i] = kvs[0] if policy.merge == "first" else tuple(
+                    store[(0, l)][i] = kvs[0] if merge == "first" else tuple(
                         torch.stack(parts).mean(0) for parts in zip(*kvs))
             return x
 
@@ -69,11 +106,11 @@ def policy_reference(model, ids: torch.Tensor, prompt_len: int, chunk_size: int 
         for begin in range(0, prompt_len, size):
             x = run(range(begin, min(begin + size, prompt_len)), decoding=False)
             logits += [lin(x[i], "lm_head") for i in sorted(x)]
-        if policy.merge:                            # the prompt is in: one store per layer
+        if merge:                                   # the prompt is in: one store per layer
             groups = sorted({g for g, _ in store})
             for l in range(N):
                 rows = [store[(g, l)] for g in groups]
-                merged = {j: (rows[-1][j] if policy.merge == "last" else rows[0][j] if policy.merge == "first"
+                merged = {j: (rows[-1][j] if merge == "last" else rows[0][j] if merge == "first"
                               else tuple(torch.stack(p).mean(0) for p in zip(*(r[j] for r in rows))))
                           for j in rows[0]}
                 for g in groups:
@@ -111,14 +148,26 @@ def _ouro(policy: str, loops: int = 3, seed: int = 0, dtype=torch.float32, **siz
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5], ids=["one pass", "chunks of 5"])
-@pytest.mark.parametrize("policy, sizes", SETTINGS, ids=[f"{p}{s or ''}" for p, s in SETTINGS])
-def test_each_policy_reads_and_stores_what_the_spec_says(policy, sizes, chunk_size):
-    model = _ouro(policy, **sizes)
+@pytest.mark.parametrize("spec", SPEC, ids=SPEC_IDS)
+def test_each_policy_reads_and_stores_what_the_spec_says(spec, chunk_size):
+    policy, options, loops, *_ = spec
+    model = _ouro(policy, loops=loops, **options)
     ids = tokens(1, batch=2, length=14)
     expected = policy_reference(model, ids, prompt_len=10, chunk_size=chunk_size)
     for step in ("decode_step", "forward"):
         torch.testing.assert_close(cached_logits(model, ids, 10, chunk_size, step).double(), expected,
                                    **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("spec", SPEC, ids=SPEC_IDS)
+def test_each_policy_holds_the_slots_the_spec_says(spec):
+    """Slots per layer: the distinct groups of its loops while the prompt goes in, one after a
+    merge, and the bytes of exactly that many slots."""
+    policy, options, loops, groups_by_loop, _, merge = spec
+    model = _ouro(policy, loops=loops, **options)
+    N = model.config.num_hidden_layers
+    assert model.num_cache_slots() == N * len(set(groups_by_loop))
+    assert model.num_decode_slots() == N * (1 if merge else len(set(groups_by_loop)))
 
 
 # -- the identities of the spec's "Exactness" list ------------------------------------------------------
