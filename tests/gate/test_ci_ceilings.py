@@ -88,6 +88,7 @@ def _point(**kw):
 
 def test_a_run_repeats_its_bytes_exactly():
     first, second = measure(_point()), measure(_point())
+    assert first["status"] == second["status"] == "ok", (first["error"], second["error"])  # two error rows agree too
     for column in ("peak_bytes", "peak_prefill_bytes", "peak_decode_bytes", "kv_bytes_measured"):
         assert first[column] == second[column]
 

@@ -10,8 +10,8 @@ import bench.measure.point
 from bench.config import BenchConfig, resolve
 from bench.measure import machine
 from bench.measure.point import measure
-from bench.rows.files import RESULT_FILE, write_row
-from bench.rows.schema import COLUMNS, identity
+from bench.rows.files import RESULT_FILE, find_measured, write_row
+from bench.rows.schema import COLUMNS, IDENTITY, identity
 from bench.sweep import app
 
 
@@ -135,3 +135,41 @@ def test_resume_measures_a_row_from_other_code_again(tmp_path, sweep_job):
     assert "measured again: the row was from git abc, this is def" in line
     assert '"git_sha": "def"' in path.read_text()  # the stale row is replaced
     assert not sweep_job(cfg, "def")[2]  # and now counts as measured
+
+
+# The identity columns, written out from docs/columns.md's "identity" group: a row counts as this
+# point's only if every one of them agrees.
+IDENTITY_COLUMNS = ["model", "size", "loops", "seq_len", "batch", "new_tokens", "scenario", "dtype", "device",
+                    "probe", "prefill", "chunk_size", "cache_update", "init_latent", "ema_alpha", "kv_sharing",
+                    "kv_ring", "kv_anchor", "kv_window", "exit_policy", "exit_threshold", "exit_step",
+                    "mem_limit_mib", "seed", "checkpoint", "text", "compile", "compile_backend", "profile"]
+
+
+def test_the_identity_is_the_documented_columns():
+    assert sorted(IDENTITY) == sorted(IDENTITY_COLUMNS)
+    assert sorted(identity(_point(model="melt"))) == sorted(IDENTITY_COLUMNS)
+
+
+@pytest.mark.parametrize("column", IDENTITY_COLUMNS)
+def test_resume_measures_again_when_any_identity_column_changes(tmp_path, column):
+    ident = identity(_point(model="melt"))
+    write_row(tmp_path / "point", {**ident, "status": "ok", "timestamp": "2026-01-01T00:00:00+00:00"})
+    assert find_measured(tmp_path, ident) is not None
+    assert find_measured(tmp_path, {**ident, column: f"{ident[column]}-other"}) is None
+
+
+# What docs/settings-and-sweeps.md ("Re-runs, failures") says a re-run does with a row of this
+# identity and code: ok and oom rows stand, an error is retried, and so is a timing pass that
+# failed with an error (a timing oom is a result).
+RESUME = [("ok", "ok", False), ("ok", None, False), ("oom", None, False), ("ok", "oom", False),
+          ("error", None, True), ("ok", "error", True)]
+
+
+@pytest.mark.parametrize("status, timing_status, measured_again", RESUME)
+def test_resume_retries_errors_and_keeps_ok_and_oom_rows(tmp_path, sweep_job, status, timing_status, measured_again):
+    cfg = BenchConfig(size="tiny", model="melt", seq_len=48)
+    _measured_row(cfg, tmp_path / "points" / "seed=0", git_sha="abc", status=status, timing_status=timing_status)
+    row, line, measured = sweep_job(cfg, "abc")
+    assert measured == measured_again
+    assert row["status"] == ("ok" if measured_again else status)  # the stand-in measures ok
+    assert ("already measured, skipped" in line) != measured_again
