@@ -215,12 +215,14 @@ def decode_step_bytes(c, batch: int, max_len: int, new_tokens: int, dtype: torch
         exits += rows * 2 * batch * c.num_key_value_heads * c.head_dim * b
     attention = attention_bytes(c, batch, 1, max_len, True, dtype)
     if c.arch == "loopcoder" and c.loops > 1:
-        # later loops: the global attention beside the loop's own K/V row, or the ring's mask being
-        # made (the row index j and two [1, rows] int64 steps of p - (p - j) mod rows)
+        # later loops: the global attention beside the loop's own K/V row, the ring's mask being
+        # made (the row index j and two [1, rows] int64 steps of p - (p - j) mod rows), or the two
+        # attentions mixed: q, both outputs, g * global, (1 - g) * local and their sum (6 Q), g
         own = 2 * batch * c.num_key_value_heads * c.head_dim * b
         Q = batch * c.num_attention_heads * c.head_dim * b
         rows = min(c.kv_window, max_len)
-        attention = max(attention + own, 2 * E + 2 * Q + own + 3 * 8 * rows)
+        gate = batch * c.num_attention_heads * b
+        attention = max(attention + own, 2 * E + 2 * Q + own + 3 * 8 * rows, 2 * E + 6 * Q + own + gate)
     return tokens + max(8 * max_len + max_len, positions + max(3 * E + 3 * F, attention) + latents + exits,
                         positions + E + logits + exits)
 

@@ -26,12 +26,7 @@ OPTIONS = [
 @pytest.mark.parametrize("scenario", ["generate", "prefill", "decode"])
 @pytest.mark.parametrize("model, options", OPTIONS, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
                                                           for m, o in OPTIONS])
-def test_predicted_peaks_equal_the_tracked_probe(model, options, scenario, request):
-    if model == "loopcoder" and scenario != "prefill":
-        # Found by this test, not yet fixed: LoopCoder's decode peak is a few bytes above the
-        # prediction (8 B with a window past the context, at its ring mask's making; 16 B per
-        # sequence with a window of 8, inside the local attention): terms the model lacks.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="LoopCoder's decode step: 8-32 B unpredicted"))
+def test_predicted_peaks_equal_the_tracked_probe(model, options, scenario):
     point = {"size": "tiny", "seq_len": 40, "new_tokens": 3, "loops": 3, "repeats": 0, "warmup": 0,
              "chunk_size": 16, "scenario": scenario, **options}
     row = measure(resolve(BenchConfig(model=model, **point)))
