@@ -11,6 +11,7 @@ the Python loop between them would cost.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -86,16 +87,15 @@ class CapturedStep:
         return self.logits
 
     def run_warmup(self, cache) -> None:
-        if self.token.device.type != "cuda":
+        cuda = self.token.device.type == "cuda"
+        stream = torch.cuda.Stream() if cuda else None  # as torch.cuda.graphs asks: warm up off the main stream
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for _ in range(self.warmup):
                 self.step(self.token, cache, self.pos)
-            return
-        stream = torch.cuda.Stream()                 # as torch.cuda.graphs asks: warm up off the main stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.step(self.token, cache, self.pos)
-        torch.cuda.current_stream().wait_stream(stream)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(stream)
 
     @staticmethod
     def record(run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:

@@ -6,7 +6,7 @@
 
 Each (design, loops) runs in a fresh process with an empty inductor cache, so every figure is a
 cold compile: a model at the size preset (its layer count set by --layers), random weights, a
-prompt of context/2 tokens prefilled into a cache of `context` rows, then
+prompt of `context` tokens prefilled, then (models.runtime.Scenario.time)
   compile_s  the compiled step's first call (models.runtime.Engine.compiled_step: each layer
              function compiled once; on a GPU also the warm-up and the CUDA graph's capture),
   step_ms    the median of --steps further calls, and eager_ms the eager step's, alike,
@@ -34,6 +34,10 @@ from models.config import KV_SHARINGS, MODEL_NAMES
 from models.runtime import Engine, Scenario
 
 DESIGNS = ("standard", "ouro", "melt", "loopcoder")
+
+
+def _mode(a: argparse.Namespace) -> str:
+    return "whole step" if a.whole_step else "layers"
 
 
 def parse_design(design: str) -> tuple[str, dict]:
@@ -66,7 +70,7 @@ def measure_one(design: str, loops: int, a: argparse.Namespace) -> dict:
             "step_ms": round(float(np.median(timings["compiled"].step_s)) * 1e3, 3),
             "eager_ms": round(float(np.median(timings["eager"].step_s)) * 1e3, 3),
             "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
-            "mode": "whole step" if a.whole_step else "layers", "backend": a.backend,
+            "mode": _mode(a), "backend": a.backend,
             "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "threads": a.threads}
 
@@ -79,8 +83,7 @@ def _in_fresh_process(design: str, loops: int, argv: list[str], a: argparse.Name
                                    str(loops)], env=env, capture_output=True, text=True, timeout=a.timeout)
         except subprocess.TimeoutExpired:
             done = None
-    failed = {"design": design, "loops": loops, "layers": a.layers, "mode": "whole step" if a.whole_step else "layers",
-              "backend": a.backend}
+    failed = {"design": design, "loops": loops, "layers": a.layers, "mode": _mode(a), "backend": a.backend}
     if done is None:
         return {**failed, "error": f"stopped after --timeout {a.timeout:g} s"}
     if done.returncode != 0:
@@ -110,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for design in a.designs:  # every name checked before any work
         parse_design(design)
-    passed = [arg for arg in raw if arg not in ("--out", a.out)]
     rows = []
     for design in a.designs:
         for loops in ([1] if design == "standard" else a.loops):
-            rows.append(_in_fresh_process(design, loops, passed, a))
+            rows.append(_in_fresh_process(design, loops, raw, a))  # the child prints its row, writes nothing
             print(f"compile_time: {design} loops {loops}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()
                                                                        if k in ("compile_s", "step_ms", "eager_ms", "graphs", "error")),
                   file=sys.stderr, flush=True)
